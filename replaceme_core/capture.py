@@ -1,0 +1,131 @@
+"""Forward hooks that collect block outputs and MLP outputs of chosen blocks, real tokens only.
+
+One pass = one forward per batch with hooks on exactly the blocks a computation needs; the forward is
+cut off (by an exception raised in the deepest needed hook) so no compute is spent on later blocks,
+the final norm or the LM head. The hooks see the raw block output, never transformers' final-normed
+`hidden_states[-1]`. Activations stay on whatever device their block lives on (accelerate's
+`device_map="auto"` included); consumers move what they keep to their own device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Adapter
+
+
+class CalibrationError(ValueError):
+    """The calibration data cannot produce the statistics asked for."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Activations:
+    """What one batch produced. Tensors are [batch, seq, d]; `mask` marks real (non-pad) tokens."""
+
+    mask: torch.Tensor
+    block_out: dict[int, torch.Tensor] = field(default_factory=dict)  # L_i, raw output of block i
+    mlp_out: dict[int, torch.Tensor] = field(default_factory=dict)  # M_i, the MLP's additive contribution
+
+    def real(self, x: torch.Tensor) -> torch.Tensor:
+        """[N_real, d]: the rows of real tokens, pad positions dropped."""
+        return x[self.mask.to(x.device)]
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, d]: each sequence's last real token (works for left and right padding)."""
+        mask = self.mask.to(x.device)
+        positions = torch.arange(mask.shape[1], device=x.device).expand_as(mask)
+        idx = torch.where(mask, positions, -1).max(dim=1).values
+        return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def run_capture(
+    model: nn.Module,
+    adapter: Adapter,
+    batches: Iterable[dict],
+    consume: Callable[[Activations], None],
+    *,
+    block_outputs: Iterable[int] = (),
+    mlp_outputs: Iterable[int] = (),
+    progress: bool = True,
+    desc: str = "capture",
+    total: int | None = None,
+) -> int:
+    """Run the model over `batches`, calling `consume` with each batch's activations. Returns real tokens seen."""
+    block_outputs, mlp_outputs = sorted(set(block_outputs)), sorted(set(mlp_outputs))
+    needed = block_outputs + mlp_outputs
+    if not needed:
+        raise ValueError("nothing to capture: give block_outputs and/or mlp_outputs")
+    if min(needed) < 0 or max(needed) >= adapter.num_layers:
+        raise ValueError(f"block indices must be in 0..{adapter.num_layers - 1}, got {needed}")
+    deepest = max(needed)
+    current: Activations | None = None
+
+    def block_hook(i):
+        def hook(_module, _inputs, output):
+            if i in block_outputs:
+                current.block_out[i] = _first(output).detach()
+            if i == deepest:
+                raise _StopForward
+
+        return hook
+
+    def mlp_hook(i):
+        def hook(_module, _inputs, output):
+            current.mlp_out[i] = _first(output).detach()
+
+        return hook
+
+    handles = [adapter.layers[i].register_forward_hook(block_hook(i)) for i in sorted(set(block_outputs) | {deepest})]
+    handles += [adapter.mlp_output_module(i).register_forward_hook(mlp_hook(i)) for i in mlp_outputs]
+    device = _input_device(model)
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, disable=not progress, total=total, unit="batch"):
+                input_ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+                current = Activations(mask=mask.bool())
+                try:
+                    model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+                missing = [i for i in block_outputs if i not in current.block_out]
+                missing += [i for i in mlp_outputs if i not in current.mlp_out]
+                if missing:
+                    raise RuntimeError(f"hooks on blocks {missing} did not fire; is the model's forward standard?")
+                for name, store in (("block", current.block_out), ("MLP", current.mlp_out)):
+                    for i, x in store.items():
+                        if not torch.isfinite(current.real(x)).all():
+                            raise CalibrationError(
+                                f"non-finite values in the {name} output of block {i}: the model overflows in "
+                                f"{x.dtype}; load it in bfloat16 or float32 instead"
+                            )
+                tokens += int(current.mask.sum())
+                consume(current)
+                current = None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise CalibrationError("the calibration data produced no tokens: give non-empty texts")
+    return tokens

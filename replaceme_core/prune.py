@@ -1,0 +1,315 @@
+"""prune(): the whole method — and the UIDL baseline — behind one call that the CLI and notebooks share.
+
+calibrate() is the single capture mechanism: in one forward pass per batch it can accumulate the
+layer-distance statistics, the least-squares sums for any number of candidate runs, and the on-disk
+activations for the iterative solvers. When no start block is given and the LS sums for every
+candidate run fit in memory, selection and estimation share that one pass.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .arch import Adapter, FoldError, get_adapter
+from .capture import Activations, CalibrationError, run_capture
+from .merge import Replacement, apply_replacements
+from .select import Run, choose_by_block_influence, choose_runs, merge_touching, run_scores, validate_run
+from .solve import STRUCTURES, IterativeConfig, columns_for, solve_closed_form, solve_iterative
+from .stats import ActivationStore, DistanceStats, LSStats
+
+METHODS = ("ls", "cosine", "cosine-exact", "mse", "uidl")
+SELECTIONS = ("angular", "bi")
+
+
+@dataclass
+class Calibration:
+    """Statistics from one capture pass over the calibration batches."""
+
+    distances: DistanceStats | None = None
+    ls: dict[Run, LSStats] = field(default_factory=dict)
+    stores: dict[Run, ActivationStore] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+
+
+def _stats_device(model: nn.Module, requested) -> torch.device:
+    if requested is not None:
+        return torch.device(requested)
+    return model.get_input_embeddings().weight.device
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Sequence[dict],
+    *,
+    distances: bool = False,
+    ls_runs: Iterable[Run] = (),
+    store_runs: Iterable[Run] = (),
+    store_columns: tuple[str, ...] = ("M", "R"),
+    stats_device=None,
+    store_dir=None,
+    progress: bool = True,
+    desc: str = "calibration pass",
+) -> Calibration:
+    """One forward pass over `batches` collecting everything asked for (real tokens only)."""
+    adapter = get_adapter(model)
+    ls_runs, store_runs = list(dict.fromkeys(ls_runs)), list(dict.fromkeys(store_runs))
+    for run in ls_runs + store_runs:
+        validate_run(run, adapter.num_layers)
+    device = _stats_device(model, stats_device)
+    d = adapter.hidden_size
+    block_outputs = set(range(adapter.num_layers)) if distances else set()
+    mlp_outputs = set()
+    for run in ls_runs + store_runs:
+        block_outputs |= {run.kept, run.last}
+        mlp_outputs.add(run.kept)
+    if not block_outputs:
+        raise ValueError("calibrate() was asked for nothing: set distances=True or give runs")
+
+    result = Calibration(
+        distances=DistanceStats(adapter.num_layers, device) if distances else None,
+        ls={run: LSStats(d, device) for run in ls_runs},
+        stores={run: ActivationStore(store_columns, d, directory=store_dir) for run in store_runs},
+    )
+    runs_by_kept: dict[int, list[Run]] = defaultdict(list)
+    for run in ls_runs:
+        runs_by_kept[run.kept].append(run)
+
+    def consume(acts: Activations) -> None:
+        real = {i: acts.real(x).to(device, torch.float64) for i, x in acts.block_out.items() if i in block_outputs}
+        mlp = {i: acts.real(x).to(device, torch.float64) for i, x in acts.mlp_out.items()}
+        if result.distances is not None:
+            order = range(adapter.num_layers)
+            result.distances.update([real[i] for i in order], "all")
+            result.distances.update([acts.last(acts.block_out[i]) for i in order], "last")
+        for kept, runs in runs_by_kept.items():
+            M = mlp[kept]
+            MtM = M.T @ M
+            for run in runs:
+                result.ls[run].update(M, real[run.last] - real[kept] + M, MtM=MtM)
+        for run, store in result.stores.items():
+            M = mlp[run.kept]
+            Y = real[run.kept] - M
+            cols = {"M": M, "R": real[run.last] - Y, "Y": Y}
+            store.append(**{c: cols[c] for c in store.columns})
+
+    start = time.perf_counter()
+    try:
+        result.tokens = run_capture(
+            model, adapter, batches, consume, block_outputs=block_outputs, mlp_outputs=mlp_outputs,
+            progress=progress, desc=desc, total=len(batches) if hasattr(batches, "__len__") else None,
+        )
+    except BaseException:
+        result.close()
+        raise
+    for store in result.stores.values():
+        store.finish()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@dataclass
+class PruneConfig:
+    """Everything that decides the pruned model. Defaults follow the paper (LS, angular distance, last token)."""
+
+    num_blocks: int
+    method: str = "ls"  # ls | cosine (Eq. 8) | cosine-exact (Eq. 7) | mse | uidl
+    structure: str = "full"  # ls only: full | diagonal | orthonormal
+    start: int | list[int] | None = None  # 0-based first removed block(s); None: choose by `selection`
+    num_transforms: int = 1
+    separated: bool = False  # multi-transform runs must not touch (the paper's Multi_LT_NC)
+    selection: str = "angular"  # angular (paper, UIDL) | bi (ShortGPT Block Influence)
+    distance_tokens: str = "last"  # last (the official code) | all
+    ridge: float = 0.0
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    epochs: int = 10
+    batch_tokens: int = 1024
+    l1: float = 0.0
+    l2: float = 0.0
+    seed: int = 0
+    one_pass_budget_gb: float = 4.0  # LS sums for every candidate run from the selection pass, if they fit
+
+    def iterative(self) -> IterativeConfig:
+        objective = {"cosine": "cosine", "cosine-exact": "cosine-exact", "mse": "mse"}[self.method]
+        structure = "diagonal" if self.structure == "diagonal" else "full"
+        return IterativeConfig(
+            objective=objective, optimizer=self.optimizer, lr=self.lr, batch_tokens=self.batch_tokens,
+            epochs=self.epochs, l1=self.l1, l2=self.l2, structure=structure, seed=self.seed,
+        )
+
+    def validate(self, num_layers: int) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"unknown structure {self.structure!r}; choose one of {', '.join(STRUCTURES)}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.distance_tokens not in ("last", "all"):
+            raise ValueError("distance_tokens must be 'last' or 'all'")
+        if self.num_blocks <= 0:
+            raise ValueError(f"--num-blocks must be positive, got {self.num_blocks}")
+        if self.num_blocks > num_layers - 1:
+            raise ValueError(f"cannot remove {self.num_blocks} blocks from a {num_layers}-block model: at most {num_layers - 1}")
+        if self.num_transforms <= 0 or self.num_blocks % self.num_transforms:
+            raise ValueError(
+                f"--num-blocks ({self.num_blocks}) must be a positive multiple of --num-transforms ({self.num_transforms}): "
+                "each transform replaces the same number of blocks"
+            )
+        if self.method in ("cosine", "cosine-exact", "mse"):
+            if self.structure == "orthonormal":
+                raise ValueError("orthonormal T is a closed form: use method 'ls' with structure 'orthonormal'")
+            self.iterative().validate()
+
+    @property
+    def run_length(self) -> int:
+        return self.num_blocks // self.num_transforms
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    replacements: list[Replacement]
+    record: dict
+    distances: DistanceStats | None = None
+
+    @property
+    def runs(self) -> list[Run]:
+        return [r.run for r in self.replacements]
+
+
+def _explicit_runs(cfg: PruneConfig, num_layers: int) -> list[Run]:
+    starts = [cfg.start] if isinstance(cfg.start, int) else list(cfg.start)
+    if len(starts) != cfg.num_transforms:
+        raise ValueError(f"give one start block per transform: {len(starts)} starts for {cfg.num_transforms} transforms")
+    runs = [Run(int(s), cfg.run_length) for s in starts]
+    for run in runs:
+        validate_run(run, num_layers)
+    merged = merge_touching(runs)
+    if len(merged) != len(runs) and cfg.separated:
+        raise ValueError(f"the runs starting at {starts} touch, but separated runs were asked for")
+    return merged
+
+
+def _choose(cfg: PruneConfig, dist: DistanceStats, num_layers: int) -> tuple[list[Run], dict[int, float]]:
+    if cfg.selection == "bi":
+        if cfg.num_transforms != 1:
+            raise ValueError("Block Influence selection picks single blocks; it decides the runs itself (use num_transforms=1)")
+        cosine = dist.matrix("cosine", cfg.distance_tokens)
+        runs = choose_by_block_influence(cosine, cfg.num_blocks)
+        return runs, {r.start: float(dist.matrix("angular", cfg.distance_tokens)[r.kept, r.last]) for r in runs}
+    scores = run_scores(dist.matrix("angular", cfg.distance_tokens), cfg.run_length)
+    return choose_runs(scores, cfg.run_length, cfg.num_transforms, separated=cfg.separated), scores
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"replaceme": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def prune(
+    model: nn.Module,
+    batches: Sequence[dict],
+    config: PruneConfig,
+    *,
+    calibration_info: dict | None = None,
+    stats_device=None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune `model` in place: choose runs, estimate T for each, fold, delete. Returns the model and its record.
+
+    `batches` must be re-iterable (a list) because a second pass may be needed.
+    """
+    timings: dict[str, float] = {}
+    adapter: Adapter = get_adapter(model)
+    num_layers = adapter.num_layers
+    config.validate(num_layers)
+    if config.method != "uidl" and not adapter.can_fold_general and config.structure != "diagonal":
+        raise FoldError(adapter.why_not_foldable)
+    d = adapter.hidden_size
+    needs_ls = config.method == "ls"
+    needs_store = config.method in ("cosine", "cosine-exact", "mse")
+
+    dist = None
+    scores: dict[int, float] = {}
+    calib = Calibration()
+    if config.start is not None:
+        runs = _explicit_runs(config, num_layers)
+    else:
+        candidates = [Run(s, config.run_length) for s in range(1, num_layers - config.run_length + 1)]
+        one_pass = needs_ls and config.selection == "angular" and len(candidates) * 2 * d * d * 8 <= config.one_pass_budget_gb * 2**30
+        calib = calibrate(
+            model, batches, distances=True, ls_runs=candidates if one_pass else (),
+            stats_device=stats_device, progress=progress, desc="distances" + (" + LS sums" if one_pass else ""),
+        )
+        timings["selection_pass_s"] = calib.seconds
+        dist = calib.distances
+        runs, scores = _choose(config, dist, num_layers)
+
+    missing_ls = [r for r in runs if needs_ls and r not in calib.ls]
+    if missing_ls or needs_store:
+        second = calibrate(
+            model, batches, ls_runs=missing_ls, store_runs=runs if needs_store else (),
+            store_columns=columns_for(config.iterative().objective) if needs_store else ("M", "R"),
+            stats_device=stats_device, progress=progress, desc="capture",
+        )
+        calib.ls.update(second.ls)
+        calib.stores = second.stores
+        calib.tokens = calib.tokens or second.tokens
+        timings["capture_pass_s"] = second.seconds
+
+    run_info = []
+    replacements = []
+    t0 = time.perf_counter()
+    try:
+        for run in runs:
+            info = {"start": run.start, "n": run.n, "kept_block": run.kept, "removed_blocks": run.removed}
+            if run.start in scores and run.n == config.run_length:
+                info["distance"] = scores[run.start]
+            T = None
+            if needs_ls:
+                T = solve_closed_form(calib.ls[run], config.structure, config.ridge)
+                info["relative_residual"] = calib.ls[run].relative_residual(T)
+                info["identity_relative_residual"] = calib.ls[run].relative_residual(torch.eye(d, dtype=torch.float64))
+            elif needs_store:
+                T, history = solve_iterative(calib.stores[run], config.iterative(), device=stats_device or "cpu", progress=progress)
+                info["loss_per_epoch"] = history
+            replacements.append(Replacement(run, T))
+            run_info.append(info)
+    finally:
+        calib.close()
+    timings["solve_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    apply_replacements(adapter, replacements)
+    timings["fold_and_delete_s"] = time.perf_counter() - t0
+
+    record = {
+        "method": config.method,
+        "config": asdict(config),
+        "removed_blocks": sorted(b for r in runs for b in r.removed),
+        "blocks_receiving_T": [r.kept for r in runs] if config.method != "uidl" else [],
+        "runs": run_info,
+        "num_layers_before": num_layers,
+        "num_layers_after": adapter.num_layers,
+        "model_type": model.config.model_type,
+        "calibration": {**(calibration_info or {}), "tokens": calib.tokens},
+        "seed": config.seed,
+        "versions": _versions(),
+        "timings": timings,
+        "index_convention": "0-based indices of the original model; block start-1 keeps its place and receives T",
+    }
+    return PruneResult(model=model, replacements=replacements, record=record, distances=dist)

@@ -1,0 +1,106 @@
+"""Which blocks to remove: the paper's argmin-distance rule, several runs, and ShortGPT's Block Influence.
+
+Indices are 0-based and refer to the original model. A `Run(start, n)` removes blocks
+start … start+n−1; block start−1 stays and receives T. Hence start ≥ 1: block 0 has no kept block
+before it to absorb the transform. The score of a run is the distance between the output of the
+kept block (L_{start−1}) and the output of the last removed block (L_{start+n−1}).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, order=True)
+class Run:
+    start: int  # first removed block
+    n: int  # number of removed blocks
+
+    @property
+    def kept(self) -> int:
+        """The block that keeps its place and receives T."""
+        return self.start - 1
+
+    @property
+    def last(self) -> int:
+        """The last removed block; its output is the regression target."""
+        return self.start + self.n - 1
+
+    @property
+    def removed(self) -> list[int]:
+        return list(range(self.start, self.start + self.n))
+
+    def touches(self, other: "Run") -> bool:
+        """Overlapping or adjacent: the two cannot each keep the block before them."""
+        return self.start <= other.last + 1 and other.start <= self.last + 1
+
+    def overlaps(self, other: "Run") -> bool:
+        return self.start <= other.last and other.start <= self.last
+
+
+def validate_run(run: Run, num_layers: int) -> None:
+    if run.n <= 0:
+        raise ValueError(f"the number of blocks to remove must be positive, got {run.n}")
+    if run.n > num_layers - 1:
+        raise ValueError(f"cannot remove {run.n} blocks from a {num_layers}-block model: at most {num_layers - 1} (block 0 must stay to receive T)")
+    if not 1 <= run.start <= num_layers - run.n:
+        raise ValueError(
+            f"start block {run.start} is out of range for removing {run.n} of {num_layers} blocks: "
+            f"it must be in 1..{num_layers - run.n} (0-based; block start−1 stays and receives T)"
+        )
+
+
+def run_scores(distance: torch.Tensor, n: int) -> dict[int, float]:
+    """score[start] = distance(L_{start−1}, L_{start+n−1}) for every valid start."""
+    L = distance.shape[0]
+    validate_run(Run(1, n), L)
+    return {s: float(distance[s - 1, s + n - 1]) for s in range(1, L - n + 1)}
+
+
+def merge_touching(runs: list[Run]) -> list[Run]:
+    """Merge overlapping or adjacent runs into one run each (one T for the merged run)."""
+    merged: list[Run] = []
+    for r in sorted(runs):
+        if merged and merged[-1].touches(r):
+            prev = merged.pop()
+            start, last = min(prev.start, r.start), max(prev.last, r.last)
+            r = Run(start, last - start + 1)
+        merged.append(r)
+    return merged
+
+
+def choose_runs(scores: dict[int, float], n: int, num_runs: int = 1, separated: bool = False) -> list[Run]:
+    """Greedy selection of `num_runs` non-overlapping runs of n blocks with the lowest scores.
+
+    Touching runs are merged into one (one transform). With `separated=True` a candidate that touches
+    an already chosen run is skipped instead, so every run keeps its own transform (the paper's
+    Multi_LT_NC). Raises if not enough runs fit.
+    """
+    if num_runs <= 0:
+        raise ValueError(f"num_transforms must be positive, got {num_runs}")
+    chosen: list[Run] = []
+    for start in sorted(scores, key=lambda s: (scores[s], s)):
+        cand = Run(start, n)
+        if any(cand.overlaps(c) or (separated and cand.touches(c)) for c in chosen):
+            continue
+        chosen.append(cand)
+        if len(chosen) == num_runs:
+            return merge_touching(chosen)
+    raise ValueError(
+        f"only {len(chosen)} {'separated ' if separated else ''}runs of {n} blocks fit, {num_runs} were asked for; "
+        "remove fewer blocks or use fewer transforms"
+    )
+
+
+def block_influence(cosine: torch.Tensor) -> dict[int, float]:
+    """ShortGPT's Block Influence of block i: 1 − E[cos(input_i, output_i)] = 1 − cos(L_{i−1}, L_i), i ≥ 1."""
+    return {i: 1.0 - float(cosine[i - 1, i]) for i in range(1, cosine.shape[0])}
+
+
+def choose_by_block_influence(cosine: torch.Tensor, num_blocks: int) -> list[Run]:
+    """The `num_blocks` blocks of lowest Block Influence, grouped into contiguous runs (one T each)."""
+    bi = block_influence(cosine)
+    validate_run(Run(1, num_blocks), cosine.shape[0])
+    picked = sorted(sorted(bi, key=lambda i: (bi[i], i))[:num_blocks])
+    return merge_touching([Run(i, 1) for i in picked])

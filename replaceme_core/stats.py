@@ -1,0 +1,212 @@
+"""Streaming statistics: memory that does not grow with the number of calibration tokens.
+
+* `LSStats`: float64 sums MᵀM, Mᵀ R and ‖R‖² — all the least-squares family of solvers needs.
+* `DistanceStats`: sums of angular / cosine / L2 distances between block outputs, for every pair.
+* `ActivationStore`: a disk-backed table of rows (M, R[, Y]) for the iterative solvers, read back in
+  shuffled chunks so RAM stays bounded by the chunk size, not by the calibration set.
+
+Every accumulator can be merged with another (and all-reduced across processes), which is how
+data-parallel calibration combines shards.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class LSStats:
+    """Σ MᵀM, Σ MᵀR, Σ‖R‖² and the token count for one (M, R) pair, in float64.
+
+    Sums, not means: the ridge α is on the same scale as the paper's (un-normalised Gram sums).
+    """
+
+    def __init__(self, d: int, device: str | torch.device = "cpu"):
+        self.d = d
+        self.device = torch.device(device)
+        self.MtM = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        self.MtR = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        self.RtR = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.tokens = 0
+
+    def update(self, M: torch.Tensor, R: torch.Tensor, MtM: torch.Tensor | None = None) -> None:
+        """Add a batch of real-token rows; `MtM` may be passed in when several runs share the same M."""
+        M = M.to(self.device, torch.float64)
+        R = R.to(self.device, torch.float64)
+        self.MtM += (M.T @ M) if MtM is None else MtM.to(self.device, torch.float64)
+        self.MtR += M.T @ R
+        self.RtR += (R * R).sum()
+        self.tokens += M.shape[0]
+
+    def merge_(self, other: "LSStats") -> "LSStats":
+        self.MtM += other.MtM.to(self.device)
+        self.MtR += other.MtR.to(self.device)
+        self.RtR += other.RtR.to(self.device)
+        self.tokens += other.tokens
+        return self
+
+    def all_reduce_(self) -> "LSStats":
+        """Sum over all processes of a torch.distributed group (no-op when not distributed)."""
+        for t in (self.MtM, self.MtR, self.RtR):
+            _all_reduce(t)
+        count = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)
+        self.tokens = int(_all_reduce(count).item())
+        return self
+
+    def residual(self, T: torch.Tensor) -> float:
+        """Σ‖M T − R‖² without the activations: ‖R‖² − 2 tr(Tᵀ MᵀR) + tr(Tᵀ MᵀM T)."""
+        T = T.to(self.device, torch.float64)
+        return float(self.RtR - 2 * (T * self.MtR).sum() + (T * (self.MtM @ T)).sum())
+
+    def relative_residual(self, T: torch.Tensor) -> float:
+        return self.residual(T) / max(float(self.RtR), 1e-300)
+
+
+def _angular(cos: torch.Tensor) -> torch.Tensor:
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+class DistanceStats:
+    """Pairwise distances between block outputs L_a and L_b, averaged over tokens.
+
+    Two token sets, as the paper allows: `all` real tokens, and each sequence's `last` real token (what
+    the official code uses). For each pair we keep the mean angular distance arccos(cos)/π, the mean
+    cosine similarity (for ShortGPT's Block Influence) and the mean L2 distance of unit-RMS-normalised
+    vectors (scale-free, so layers of different norms compare).
+    """
+
+    metrics = ("angular", "cosine", "l2")
+
+    def __init__(self, num_layers: int, device: str | torch.device = "cpu"):
+        self.L = num_layers
+        self.device = torch.device(device)
+        z = lambda: torch.zeros(num_layers, num_layers, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.sums = {(tokens, m): z() for tokens in ("all", "last") for m in self.metrics}
+        self.counts = {"all": 0, "last": 0}
+
+    @torch.no_grad()
+    def update(self, outputs: list[torch.Tensor], tokens: str) -> None:
+        """`outputs[i]` is block i's output on the selected tokens, [N, d]."""
+        X = torch.stack([o.to(self.device, torch.float32) for o in outputs])  # [L, N, d]
+        norms = X.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = X / norms
+        rms = X / (norms / math.sqrt(X.shape[-1]))
+        for a in range(self.L - 1):
+            cos = torch.einsum("nd,lnd->ln", unit[a], unit[a + 1 :]).to(torch.float64)
+            l2 = (rms[a] - rms[a + 1 :]).norm(dim=-1).to(torch.float64) / math.sqrt(X.shape[-1])
+            for metric, values in (("angular", _angular(cos)), ("cosine", cos), ("l2", l2)):
+                row = values.sum(dim=1)
+                self.sums[(tokens, metric)][a, a + 1 :] += row
+                self.sums[(tokens, metric)][a + 1 :, a] += row
+        self.counts[tokens] += X.shape[1]
+
+    def merge_(self, other: "DistanceStats") -> "DistanceStats":
+        for k in self.sums:
+            self.sums[k] += other.sums[k].to(self.device)
+        for k in self.counts:
+            self.counts[k] += other.counts[k]
+        return self
+
+    def all_reduce_(self) -> "DistanceStats":
+        for t in self.sums.values():
+            _all_reduce(t)
+        counts = torch.tensor([float(self.counts["all"]), float(self.counts["last"])], dtype=torch.float64, device=self.device)
+        _all_reduce(counts)
+        self.counts = {"all": int(counts[0]), "last": int(counts[1])}
+        return self
+
+    def matrix(self, metric: str = "angular", tokens: str = "last") -> torch.Tensor:
+        """[L, L] mean distance (or cosine similarity) between block outputs; diagonal is 0 (cosine: 1)."""
+        if (tokens, metric) not in self.sums:
+            raise ValueError(f"unknown metric/tokens {metric!r}/{tokens!r}; metrics: {self.metrics}, tokens: all, last")
+        if self.counts[tokens] == 0:
+            raise ValueError(f"no {tokens!r}-token statistics were accumulated")
+        m = self.sums[(tokens, metric)] / self.counts[tokens]
+        if metric == "cosine":
+            m = m + torch.eye(self.L, dtype=m.dtype, device=m.device)
+        return m.cpu()
+
+    def state_dict(self) -> dict:
+        return {"L": self.L, "counts": dict(self.counts), "sums": {f"{t}/{m}": v.cpu() for (t, m), v in self.sums.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "DistanceStats":
+        obj = cls(state["L"])
+        obj.counts = dict(state["counts"])
+        for key, v in state["sums"].items():
+            t, m = key.split("/")
+            obj.sums[(t, m)] = v.to(torch.float64)
+        return obj
+
+
+class ActivationStore:
+    """Append-only on-disk table of float32 rows with named column blocks, each `d` wide.
+
+    Reading back yields shuffled mini-batches: chunks are visited in a random order and rows are
+    shuffled within a chunk, so at most one chunk (`chunk_rows` × width × 4 bytes) is in memory.
+    """
+
+    def __init__(self, columns: tuple[str, ...], d: int, directory: str | os.PathLike | None = None, chunk_rows: int = 32768):
+        self.columns, self.d, self.chunk_rows = tuple(columns), d, chunk_rows
+        self.width = d * len(self.columns)
+        self._dir = Path(tempfile.mkdtemp(prefix="replaceme-store-", dir=directory))
+        self.path = self._dir / "rows.f32"
+        self._file = open(self.path, "wb")
+        self.rows = 0
+
+    def append(self, **tensors: torch.Tensor) -> None:
+        if set(tensors) != set(self.columns):
+            raise ValueError(f"expected columns {self.columns}, got {sorted(tensors)}")
+        block = torch.cat([tensors[c].detach().to("cpu", torch.float32) for c in self.columns], dim=1)
+        self._file.write(block.contiguous().numpy().tobytes())
+        self.rows += block.shape[0]
+
+    def finish(self) -> "ActivationStore":
+        self._file.flush()
+        self._file.close()
+        return self
+
+    def batches(self, batch_rows: int, generator: torch.Generator, device="cpu") -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch of shuffled mini-batches as {column: [b, d] float32 tensor}."""
+        n_chunks = max(1, math.ceil(self.rows / self.chunk_rows))
+        order = torch.randperm(n_chunks, generator=generator).tolist()
+        with open(self.path, "rb") as f:
+            for c in order:
+                start = c * self.chunk_rows
+                count = min(self.chunk_rows, self.rows - start)
+                f.seek(start * self.width * 4)
+                chunk = torch.from_numpy(np.frombuffer(f.read(count * self.width * 4), dtype=np.float32).reshape(count, self.width).copy())
+                perm = torch.randperm(count, generator=generator)
+                for b in range(0, count, batch_rows):
+                    rows = chunk[perm[b : b + batch_rows]].to(device)
+                    yield {col: rows[:, j * self.d : (j + 1) * self.d] for j, col in enumerate(self.columns)}
+
+    def all_rows(self) -> dict[str, torch.Tensor]:
+        """Everything in memory (tests and small problems only)."""
+        data = torch.from_numpy(np.fromfile(self.path, dtype=np.float32).reshape(self.rows, self.width))
+        return {col: data[:, j * self.d : (j + 1) * self.d] for j, col in enumerate(self.columns)}
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "ActivationStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
