@@ -1,0 +1,55 @@
+"""Load a causal LM and its tokenizer from a packaged name, a local directory or a hub id."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to try."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are several times slower there), bfloat16 on accelerators."""
+    return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, device_map=None):
+    """Return (model, tokenizer), model in eval mode. `device_map="auto"` shards across devices via accelerate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import resolve_model
+
+    source = resolve_model(str(name_or_path))
+    device = device or default_device()
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or default_dtype(device)
+    is_local = Path(source).is_dir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        if is_local:
+            raise ModelLoadError(f"could not load a model from {source}: {err}") from None
+        raise ModelLoadError(
+            f"could not load {source!r}: it is not a packaged model name or a local directory, and the Hugging Face "
+            f"hub could not provide it ({type(err).__name__}). Offline, use a packaged model "
+            "(`replaceme assets list`) or a local checkpoint directory."
+        ) from None
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
