@@ -1,0 +1,108 @@
+"""Tables beside the paper's numbers, claim checks with honest uncertainty, and writing them to figures/."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .cache import atomic_write_text
+
+
+@lru_cache(maxsize=1)
+def _paper_numbers() -> dict:
+    text = resources.files("replaceme_core").joinpath("resources/paper_numbers.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def paper_table(key: str) -> pd.DataFrame:
+    """One of the paper's tables as printed (see resources/paper_numbers.yaml); `df.attrs` has ref and title."""
+    tables = _paper_numbers()
+    if key not in tables:
+        raise KeyError(f"no paper table {key!r}; known: {', '.join(tables)}")
+    t = tables[key]
+    df = pd.DataFrame(t["rows"], columns=t["columns"])
+    df.attrs.update({k: t[k] for k in ("ref", "title") if k in t})
+    df.attrs["unit"] = t.get("unit", "fraction")
+    return df
+
+
+def figures_dir(path: str | Path | None = None) -> Path:
+    out = Path(path or "figures")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    cols = [str(c) for c in df.columns]
+    fmt = lambda v: (format(v, floatfmt) if isinstance(v, float) and math.isfinite(v) else ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)))  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_table(df: pd.DataFrame, name: str, out_dir: str | Path | None = None, caption: str | None = None) -> dict[str, Path]:
+    """Write `name.md` (with caption) and `name.csv` atomically; return their paths."""
+    out = figures_dir(out_dir)
+    md = (f"**{caption}**\n\n" if caption else "") + _markdown(df) + "\n"
+    paths = {"md": out / f"{name}.md", "csv": out / f"{name}.csv"}
+    atomic_write_text(paths["md"], md)
+    atomic_write_text(paths["csv"], df.to_csv(index=False))
+    return paths
+
+
+# --- uncertainty -----------------------------------------------------------------------------
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (accuracy over n documents)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (centre - half, centre + half)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a − b over paired documents with a 95% percentile bootstrap interval (resampling documents)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError("paired bootstrap needs two non-empty per-document arrays of equal length")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
+    boots = diff[idx].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+@dataclass
+class Claim:
+    """A qualitative claim of the paper, checked on our run."""
+
+    claim: str
+    ref: str
+    evidence: str
+    verdict: str  # held | not held | inconclusive
+    uncertainty: str = ""
+
+
+def verdict_from_interval(lo: float, hi: float, expect_positive: bool = True) -> str:
+    """held if the 95% interval excludes 0 on the expected side, not held if on the other, else inconclusive."""
+    if expect_positive:
+        return "held" if lo > 0 else ("not held" if hi < 0 else "inconclusive")
+    return "held" if hi < 0 else ("not held" if lo > 0 else "inconclusive")
+
+
+def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
+    return pd.DataFrame([asdict(c) for c in claims], columns=["claim", "ref", "evidence", "verdict", "uncertainty"])
+
+
+def relative_performance(value: float, baseline: float) -> float:
+    return value / baseline if baseline else float("nan")
