@@ -251,7 +251,8 @@ def render_local_tasks(files: Mapping[str, Mapping[str, Path]] | None = None, be
 # Content hashes of models and tokenizers
 # --------------------------------------------------------------------------------------------
 def _config_identity(cfg: Mapping[str, Any]) -> dict:
-    drop = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "name_or_path"}
+    # bookkeeping fields that do not change what the model computes (save_pretrained adds `architectures`)
+    drop = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "name_or_path", "architectures"}
     return {k: v for k, v in cfg.items() if k not in drop and not k.startswith("_")}
 
 
@@ -293,7 +294,14 @@ def hash_model_dir(path: str | Path) -> str | None:
 
 def hash_tokenizer(tok) -> str:
     backend = getattr(tok, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else stable_json(sorted(tok.get_vocab().items()))
+    if backend is not None:
+        # drop the transient truncation/padding state that every tokenizer call with truncation= rewrites
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        body = stable_json(spec)
+    else:
+        body = stable_json(sorted(tok.get_vocab().items()))
     special = {k: str(v) for k, v in (getattr(tok, "special_tokens_map", {}) or {}).items()}
     return hash_bytes(body, stable_json(special), str(getattr(tok, "add_bos_token", None)))
 
@@ -447,9 +455,9 @@ def _extract(res: Mapping[str, Any], bench: str, lm_name: str, num_fewshot: int)
         for t in leaves:
             nxt.extend(res["group_subtasks"].get(t) or [t])
         leaves = nxt
-    samples = [dict(s, doc_id=s["doc_id"]) for t in leaves for s in res.get("samples", {}).get(t, [])]
+    samples = [s for t in leaves for s in res.get("samples", {}).get(t, [])]
     metric_names = [k for k in raw if not k.endswith("_stderr")]
-    if subtasks:  # keep (subtask, doc_id) order stable: offset doc ids per subtask
+    if subtasks:  # groups (MMLU): concatenate the subtasks' documents, each tagged with its subtask
         per_doc: dict[str, list] = {"doc_id": [], "subtask": []}
         for t in leaves:
             pd = _per_doc(res.get("samples", {}).get(t, []), metric_names)
