@@ -22,12 +22,38 @@ def default_dtype(device: str) -> torch.dtype:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
+# Randomly initialised models for the smoke profile and tests: built from a config, nothing downloaded.
+TINY_MODELS = {
+    "tiny-random-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+}
+
+
+def tiny_random_model(name: str = "tiny-random-llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A seeded random Llama with the packaged SmolLM2 tokenizer (so real text and lm-eval tasks work)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from .assets import tokenizer_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path("smollm2-135m-instruct"))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **TINY_MODELS[name])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    return model, tokenizer
+
+
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, device_map=None):
     """Return (model, tokenizer), model in eval mode. `device_map="auto"` shards across devices via accelerate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model
 
+    if name_or_path in TINY_MODELS:
+        model, tokenizer = tiny_random_model(name_or_path)
+        return model.to(device or "cpu"), tokenizer
     source = resolve_model(str(name_or_path))
     device = device or default_device()
     if isinstance(dtype, str):
