@@ -39,11 +39,15 @@ class Activations:
         return x[self.mask.to(x.device)]
 
     def last(self, x: torch.Tensor) -> torch.Tensor:
-        """[batch, d]: each sequence's last real token (works for left and right padding)."""
+        """[sequences, d]: each sequence's last real token (works for left and right padding).
+
+        Rows without any real token (an empty text padded to the batch width) are left out.
+        """
         mask = self.mask.to(x.device)
         positions = torch.arange(mask.shape[1], device=x.device).expand_as(mask)
         idx = torch.where(mask, positions, -1).max(dim=1).values
-        return x[torch.arange(x.shape[0], device=x.device), idx]
+        rows = torch.arange(x.shape[0], device=x.device)[idx >= 0]
+        return x[rows, idx[idx >= 0]]
 
 
 def _first(output):
@@ -76,10 +80,12 @@ def run_capture(
     deepest = max(needed)
     current: Activations | None = None
 
+    # Captured tensors are cloned: some forwards modify them in place after the hook has run
+    # (Falcon's parallel block does `mlp_output += attention_output`).
     def block_hook(i):
         def hook(_module, _inputs, output):
             if i in block_outputs:
-                current.block_out[i] = _first(output).detach()
+                current.block_out[i] = _first(output).detach().clone()
             if i == deepest:
                 raise _StopForward
 
@@ -87,7 +93,9 @@ def run_capture(
 
     def mlp_hook(i):
         def hook(_module, _inputs, output):
-            current.mlp_out[i] = _first(output).detach()
+            x = _first(output).detach().clone()
+            # OPT's fc2 sees flattened [batch·seq, d] rows; restore [batch, seq, d] so the pad mask applies
+            current.mlp_out[i] = x.reshape(*current.mask.shape, x.shape[-1])
 
         return hook
 
@@ -104,8 +112,11 @@ def run_capture(
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
                 current = Activations(mask=mask.bool())
+                # Positions count real tokens only (as generate() does), so a left-padded text sees the same
+                # positions as unpadded: models with absolute position embeddings (GPT-2) depend on it.
+                position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
                 try:
-                    model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                    model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
                 except _StopForward:
                     pass
                 missing = [i for i in block_outputs if i not in current.block_out]

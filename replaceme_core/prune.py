@@ -195,6 +195,12 @@ def _explicit_runs(cfg: PruneConfig, num_layers: int) -> list[Run]:
     runs = [Run(int(s), cfg.run_length) for s in starts]
     for run in runs:
         validate_run(run, num_layers)
+    overlapping = [(a.start, b.start) for i, a in enumerate(runs) for b in runs[i + 1 :] if a.overlaps(b)]
+    if overlapping:
+        raise ValueError(
+            f"the runs starting at {starts} overlap ({cfg.run_length} blocks each), so fewer than {cfg.num_blocks} "
+            "blocks would be removed: give starts at least --num-blocks/--num-transforms apart"
+        )
     merged = merge_touching(runs)
     if len(merged) != len(runs) and cfg.separated:
         raise ValueError(f"the runs starting at {starts} touch, but separated runs were asked for")

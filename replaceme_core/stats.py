@@ -141,7 +141,8 @@ class DistanceStats:
         return m.cpu()
 
     def state_dict(self) -> dict:
-        return {"L": self.L, "counts": dict(self.counts), "sums": {f"{t}/{m}": v.cpu() for (t, m), v in self.sums.items()}}
+        # copies: a state dict must not alias the live accumulators (merging it back would double-count)
+        return {"L": self.L, "counts": dict(self.counts), "sums": {f"{t}/{m}": v.detach().cpu().clone() for (t, m), v in self.sums.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "DistanceStats":
@@ -149,7 +150,7 @@ class DistanceStats:
         obj.counts = dict(state["counts"])
         for key, v in state["sums"].items():
             t, m = key.split("/")
-            obj.sums[(t, m)] = v.to(torch.float64)
+            obj.sums[(t, m)] = v.to(torch.float64).clone()
         return obj
 
 

@@ -1,0 +1,172 @@
+"""Block selection: property tests for choose_runs / merge_touching, explicit starts, Block Influence."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import build_model, calib_batches
+from replaceme_core.prune import PruneConfig, prune
+from replaceme_core.select import (
+    Run, block_influence, choose_by_block_influence, choose_runs, merge_touching, run_scores, validate_run,
+)
+
+FAST = settings(max_examples=150, deadline=None)
+
+
+def covered(runs):
+    return {b for r in runs for b in r.removed}
+
+
+@st.composite
+def scores_problem(draw):
+    L = draw(st.integers(3, 24))
+    n = draw(st.integers(1, max(1, (L - 1) // 2)))
+    starts = range(1, L - n + 1)
+    values = draw(st.lists(st.floats(0, 1, allow_nan=False), min_size=len(starts), max_size=len(starts)))
+    num = draw(st.integers(1, 3))
+    separated = draw(st.booleans())
+    return L, n, dict(zip(starts, values)), num, separated
+
+
+@FAST
+@given(scores_problem())
+def test_choose_runs_properties(problem):
+    L, n, scores, num, separated = problem
+    try:
+        runs = choose_runs(scores, n, num, separated=separated)
+    except ValueError as e:
+        assert "fit" in str(e)
+        # greedy failed: then it really could not place `num` runs the greedy way; at least check num > 1
+        assert num > 1
+        return
+    # runs are valid, pairwise disjoint and do not touch (touching ones were merged)
+    for r in runs:
+        validate_run(r, L)
+    for a in runs:
+        for b in runs:
+            if a is not b:
+                assert not a.overlaps(b) and not a.touches(b)
+    assert sum(r.n for r in runs) == n * num  # exactly the asked-for number of blocks
+    if separated:
+        assert len(runs) == num and all(r.n == n for r in runs)
+    assert runs == sorted(runs)
+    if num == 1:
+        best = min(scores, key=lambda s: (scores[s], s))
+        assert runs == [Run(best, n)]
+
+
+@FAST
+@given(scores_problem())
+def test_choose_runs_picks_greedy_lowest_scores(problem):
+    L, n, scores, num, separated = problem
+    try:
+        runs = choose_runs(scores, n, num, separated=separated)
+    except ValueError:
+        return
+    # the lowest-scored start is always part of the removed set
+    best = min(scores, key=lambda s: (scores[s], s))
+    assert set(range(best, best + n)) <= covered(runs)
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 5)), min_size=0, max_size=8))
+def test_merge_touching_covers_exactly_the_union(pairs):
+    runs = [Run(s, n) for s, n in pairs]
+    merged = merge_touching(runs)
+    assert covered(merged) == covered(runs)
+    assert merged == sorted(merged)
+    for a, b in zip(merged, merged[1:]):
+        assert a.last + 1 < b.start  # neither overlapping nor adjacent
+    assert merge_touching(merged) == merged
+
+
+def test_run_geometry():
+    r = Run(3, 2)
+    assert (r.kept, r.last, r.removed) == (2, 4, [3, 4])
+    assert r.touches(Run(5, 1)) and not r.overlaps(Run(5, 1))
+    assert r.overlaps(Run(4, 3)) and not r.touches(Run(6, 1))
+    assert merge_touching([Run(5, 1), Run(3, 2)]) == [Run(3, 3)]
+
+
+def test_run_scores_use_kept_and_last_removed():
+    D = torch.arange(36, dtype=torch.float64).reshape(6, 6)
+    scores = run_scores(D, 2)
+    assert scores == {s: float(D[s - 1, s + 1]) for s in range(1, 5)}
+
+
+@pytest.mark.parametrize("run, match", [
+    (Run(1, 0), "positive"), (Run(1, -1), "positive"), (Run(1, 5), "at most"), (Run(0, 1), "out of range"),
+    (Run(5, 1), "out of range"), (Run(4, 2), "out of range"),
+])
+def test_validate_run_rejects(run, match):
+    with pytest.raises(ValueError, match=match):
+        validate_run(run, 5)
+
+
+def test_choose_runs_errors():
+    with pytest.raises(ValueError, match="positive"):
+        choose_runs({1: 0.0}, 1, 0)
+    with pytest.raises(ValueError, match="fit"):
+        choose_runs({1: 0.1, 2: 0.2}, 2, 2)  # the two candidates overlap
+    assert choose_runs({1: 0.1, 2: 0.2, 3: 0.3}, 2, 2) == [Run(1, 4)]  # touching runs merge
+    with pytest.raises(ValueError, match="separated"):
+        choose_runs({1: 0.1, 2: 0.2, 3: 0.3}, 2, 2, separated=True)
+
+
+def test_block_influence_picks_lowest_bi_blocks():
+    L = 7
+    cos = torch.eye(L, dtype=torch.float64)
+    sims = {1: 0.5, 2: 0.9, 3: 0.95, 4: 0.2, 5: 0.99, 6: 0.1}
+    for i, c in sims.items():
+        cos[i - 1, i] = cos[i, i - 1] = c
+    bi = block_influence(cos)
+    assert bi == pytest.approx({i: 1 - c for i, c in sims.items()})
+    assert choose_by_block_influence(cos, 1) == [Run(5, 1)]
+    assert choose_by_block_influence(cos, 3) == [Run(2, 2), Run(5, 1)]  # blocks 5, 3, 2 → runs {2,3}, {5}
+
+
+def test_prune_with_block_influence_removes_lowest_bi_blocks():
+    model = build_model("llama", seed=3)
+    batches = calib_batches(seed=1)
+    res = prune(model, batches, PruneConfig(num_blocks=2, selection="bi", distance_tokens="all"), progress=False)
+    cos = res.distances.matrix("cosine", "all")
+    bi = block_influence(cos)
+    lowest = sorted(sorted(bi, key=lambda i: (bi[i], i))[:2])
+    assert res.record["removed_blocks"] == lowest
+
+
+@pytest.mark.parametrize("tokens", ["last", "all"])
+def test_prune_angular_selection_takes_argmin_distance(tokens):
+    model = build_model("qwen3", seed=2)
+    batches = calib_batches(seed=2)
+    n = 2
+    res = prune(model, batches, PruneConfig(num_blocks=n, distance_tokens=tokens), progress=False)
+    D = res.distances.matrix("angular", tokens)
+    scores = {s: float(D[s - 1, s + n - 1]) for s in range(1, D.shape[0] - n + 1)}
+    best = min(scores, key=scores.get)
+    assert res.runs == [Run(best, n)]
+    assert res.record["removed_blocks"] == [best, best + 1]
+    assert res.record["blocks_receiving_T"] == [best - 1]
+    assert res.record["runs"][0]["distance"] == pytest.approx(scores[best])
+
+
+def test_explicit_start_is_used():
+    model = build_model("llama")
+    res = prune(model, calib_batches(), PruneConfig(num_blocks=2, start=3), progress=False)
+    assert res.runs == [Run(3, 2)]
+    assert res.record["removed_blocks"] == [3, 4] and res.record["blocks_receiving_T"] == [2]
+    assert res.distances is None
+
+
+def test_explicit_touching_starts_merge_unless_separated():
+    model = build_model("llama")
+    res = prune(model, calib_batches(), PruneConfig(num_blocks=2, start=[1, 2], num_transforms=2), progress=False)
+    assert res.runs == [Run(1, 2)]
+    with pytest.raises(ValueError, match="touch"):
+        prune(build_model("llama"), calib_batches(), PruneConfig(num_blocks=2, start=[1, 2], num_transforms=2,
+                                                                 separated=True), progress=False)
+    with pytest.raises(ValueError, match="one start block per transform"):
+        prune(build_model("llama"), calib_batches(), PruneConfig(num_blocks=2, start=[1], num_transforms=2),
+              progress=False)
