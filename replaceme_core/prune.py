@@ -231,13 +231,16 @@ def prune(
     batches: Sequence[dict],
     config: PruneConfig,
     *,
+    calibration: Calibration | None = None,
     calibration_info: dict | None = None,
     stats_device=None,
     progress: bool = True,
 ) -> PruneResult:
     """Prune `model` in place: choose runs, estimate T for each, fold, delete. Returns the model and its record.
 
-    `batches` must be re-iterable (a list) because a second pass may be needed.
+    `batches` must be re-iterable (a list) because a second pass may be needed. `calibration` may carry
+    distances and LS sums already captured on this model and these batches (e.g. from a cache); only
+    what it lacks is captured.
     """
     timings: dict[str, float] = {}
     adapter: Adapter = get_adapter(model)
@@ -249,11 +252,15 @@ def prune(
     needs_ls = config.method == "ls"
     needs_store = config.method in ("cosine", "cosine-exact", "mse")
 
-    dist = None
     scores: dict[int, float] = {}
     calib = Calibration()
+    if calibration is not None:
+        calib = Calibration(distances=calibration.distances, ls=dict(calibration.ls), tokens=calibration.tokens)
+    dist = calib.distances
     if config.start is not None:
         runs = _explicit_runs(config, num_layers)
+    elif dist is not None:
+        runs, scores = _choose(config, dist, num_layers)
     else:
         candidates = [Run(s, config.run_length) for s in range(1, num_layers - config.run_length + 1)]
         one_pass = needs_ls and config.selection == "angular" and len(candidates) * 2 * d * d * 8 <= config.one_pass_budget_gb * 2**30

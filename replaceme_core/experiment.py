@@ -1,0 +1,171 @@
+"""Workbench: what every notebook needs for one profile — model, calibration batches, cached statistics.
+
+The calibration statistics (layer distances; LS sums per run) are content-addressed on disk by the
+model's weights and the exact token batches, so every notebook that uses the same model and data
+shares one capture, and a re-run with nothing changed performs no forward pass for them.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import yaml
+
+from .arch import get_adapter
+from .cache import cache_dir, hash_bytes
+from .prune import Calibration, PruneConfig, PruneResult, calibrate, prune
+from .select import Run
+from .stats import DistanceStats, LSStats
+
+
+def load_profile(name_or_path: str) -> dict:
+    """A profile by name (smoke, cpu, paper) or a path to a YAML file of the same shape."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+    else:
+        try:
+            text = resources.files("replaceme_core").joinpath(f"profiles/{name_or_path}.yaml").read_text()
+        except FileNotFoundError:
+            known = sorted(p.name[:-5] for p in resources.files("replaceme_core").joinpath("profiles").iterdir() if p.name.endswith(".yaml"))
+            raise ValueError(f"unknown profile {name_or_path!r}; known: {', '.join(known)} (or a path to a .yaml file)") from None
+    return yaml.safe_load(text)
+
+
+def _batches_hash(batches: Iterable[dict]) -> str:
+    chunks = []
+    for b in batches:
+        for key in ("input_ids", "attention_mask"):
+            t = b[key].contiguous().cpu()
+            chunks += [key, str(tuple(t.shape)), t.numpy().tobytes()]
+    return hash_bytes(*chunks)
+
+
+def _save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Variant:
+    """A named model of an experiment: its weights (in memory) and how it was made."""
+
+    name: str
+    model: torch.nn.Module
+    record: dict | None = None
+
+
+class Workbench:
+    def __init__(self, profile: str | dict = "cpu", progress: bool = True, device: str | None = None):
+        from .data import load_texts, token_batches
+        from .evaluate import hash_state_dict
+        from .models import load_model
+
+        self.profile = load_profile(profile) if isinstance(profile, str) else dict(profile)
+        self.progress = progress
+        p = self.profile
+        t0 = time.perf_counter()
+        self.model, self.tokenizer = load_model(p["model"], dtype=p.get("dtype"), device=device)
+        c = p["calibration"]
+        self.texts = load_texts(c["source"], self.tokenizer, c["samples"], seed=c.get("seed", 0), chat=c.get("chat", "auto"))
+        self.batches = list(token_batches(self.texts, self.tokenizer, batch_size=c["batch_size"], max_length=c["max_length"]))
+        self.calibration_info = {**c, "samples": len(self.texts)}
+        self.weights_hash = hash_state_dict(self.model)
+        self.key = hash_bytes(self.weights_hash, _batches_hash(self.batches))[:24]
+        self.stats_dir = cache_dir("stats", self.key)
+        self.num_layers = get_adapter(self.model).num_layers
+        self.setup_seconds = time.perf_counter() - t0
+
+    # --- statistics, cached by content ----------------------------------------------------------
+    def _ls_path(self, run: Run) -> Path:
+        return self.stats_dir / f"ls-{run.start}-{run.n}.pt"
+
+    def stats(self, runs: Iterable[Run] = (), distances: bool = True) -> Calibration:
+        """Distances and LS sums for `runs`, from the cache where present, else from ONE new capture pass."""
+        runs = list(dict.fromkeys(runs))
+        dist_path = self.stats_dir / "distances.pt"
+        out = Calibration()
+        if distances and dist_path.exists():
+            out.distances = DistanceStats.from_state_dict(torch.load(dist_path))
+        missing = []
+        for run in runs:
+            path = self._ls_path(run)
+            if path.exists():
+                state = torch.load(path)
+                st = LSStats(state["MtM"].shape[0])
+                st.MtM, st.MtR, st.RtR, st.tokens = state["MtM"], state["MtR"], state["RtR"], state["tokens"]
+                out.ls[run] = st
+            else:
+                missing.append(run)
+        need_dist = distances and out.distances is None
+        if missing or need_dist:
+            new = calibrate(self.model, self.batches, distances=need_dist, ls_runs=missing, progress=self.progress,
+                            desc=f"capture ({'distances, ' if need_dist else ''}{len(missing)} LS runs)")
+            if need_dist:
+                out.distances = new.distances
+                _save(new.distances.state_dict(), dist_path)
+            for run, st in new.ls.items():
+                out.ls[run] = st
+                _save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens}, self._ls_path(run))
+            out.seconds = new.seconds
+        out.tokens = sum(int(b["attention_mask"].sum()) for b in self.batches)
+        return out
+
+    def candidate_runs(self, n: int) -> list[Run]:
+        return [Run(s, n) for s in range(1, self.num_layers - n + 1)]
+
+    # --- variants -------------------------------------------------------------------------------
+    def config(self, method: str = "ls", num_blocks: int | None = None, **overrides) -> PruneConfig:
+        """A PruneConfig with the profile's defaults (number of blocks, cosine solver settings)."""
+        iterative = {k: v for k, v in self.profile.get("cosine", {}).items() if k in ("epochs", "lr", "batch_tokens")}
+        return PruneConfig(num_blocks=num_blocks or self.profile["num_blocks"], method=method, **{**iterative, **overrides})
+
+    def prune(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:
+        """A pruned copy of the base model. LS and UIDL reuse cached statistics; iterative methods capture anew."""
+        cfg = self.config(method, num_blocks, **overrides)
+        runs: list[Run] = []
+        if cfg.method == "ls" and cfg.selection == "angular":
+            runs = self.candidate_runs(cfg.run_length) if cfg.start is None else [Run(int(s), cfg.run_length) for s in ([cfg.start] if isinstance(cfg.start, int) else cfg.start)]
+        precomputed = self.stats(runs, distances=cfg.start is None)
+        model = copy.deepcopy(self.model)
+        result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
+        return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record)
+
+    # --- measurement ----------------------------------------------------------------------------
+    def evaluate(self, model, suite: str = "main", **overrides) -> dict:
+        from .evaluate import evaluate
+
+        spec = {**self.profile["eval"][suite], **overrides}
+        return evaluate(model, tokenizer=self.tokenizer, tasks=spec["tasks"], limit=spec.get("limit"),
+                        batch_size=spec.get("batch_size", 16), source=spec.get("source", "auto"), progress=self.progress)
+
+    def heldout_texts(self) -> list[str]:
+        from .data import heldout_texts
+
+        p = self.profile["perplexity"]
+        return heldout_texts(p["source"], p["samples"], seed=0, tokenizer=self.tokenizer)
+
+    def perplexity(self, model) -> float:
+        from .evaluate import perplexity
+
+        p = self.profile["perplexity"]
+        return perplexity(model, self.tokenizer, self.heldout_texts(), max_length=p["max_length"], batch_size=p["batch_size"])["ppl"]
+
+    def describe(self) -> str:
+        c = self.calibration_info
+        tokens = sum(int(b["attention_mask"].sum()) for b in self.batches)
+        return (f"profile {self.profile['name']}: model {self.profile['model']} ({self.num_layers} blocks), calibration "
+                f"{c['source']} × {c['samples']} samples ({tokens} real tokens, max length {c['max_length']}); stats key {self.key}")
