@@ -35,16 +35,24 @@ setup: $(STAMP) assets
 assets: $(STAMP)
 	$(BIN)/replaceme assets fetch
 
-test: setup
+test: test-unit test-notebooks
+
+test-unit: setup
 	$(BIN)/python -m pytest tests
 
+# Every notebook on the smoke profile, into a scratch figures folder (figures/ keeps the real results).
+test-notebooks: setup
+	$(BIN)/python -m replaceme_core.paper --profile smoke --figures build/smoke-figures --build build
+
 paper: setup
-	@echo "notebooks arrive with the notebooks issue; nothing to run yet" && false
+	$(BIN)/python -m replaceme_core.paper --profile $(PROFILE) --figures figures --build build
 
 tutorial: setup
-	$(BIN)/python -m jupyter notebook notebooks/00_tutorial.ipynb
+	$(BIN)/python -m pip install --quiet jupyterlab
+	$(BIN)/python -m jupyter lab notebooks/00_tutorial.ipynb
 
 lab: setup
+	$(BIN)/python -m pip install --quiet jupyterlab
 	$(BIN)/python -m jupyter lab notebooks
 
 clean:

@@ -140,3 +140,32 @@ def run_capture(
     if tokens == 0:
         raise CalibrationError("the calibration data produced no tokens: give non-empty texts")
     return tokens
+
+
+def collect_block_outputs(model: nn.Module, batches: Iterable[dict], blocks: Iterable[int], max_tokens: int = 4096,
+                          progress: bool = False) -> dict[int, torch.Tensor]:
+    """Real-token outputs of `blocks` (float32, CPU), up to `max_tokens` rows — for statistics that need the
+    activations themselves (e.g. CKA), where a bounded sample is enough."""
+    from .arch import get_adapter
+
+    adapter = get_adapter(model)
+    blocks = sorted(set(blocks))
+    rows: dict[int, list[torch.Tensor]] = {i: [] for i in blocks}
+    seen = 0
+
+    def consume(acts: Activations) -> None:
+        nonlocal seen
+        take = max_tokens - seen
+        if take <= 0:
+            return
+        for i in blocks:
+            rows[i].append(acts.real(acts.block_out[i])[:take].float().cpu())
+        seen += min(take, int(acts.mask.sum()))
+
+    chosen = []
+    for b in batches:  # stop reading batches once enough tokens are in
+        chosen.append(b)
+        if sum(int(x["attention_mask"].sum()) for x in chosen) >= max_tokens:
+            break
+    run_capture(model, adapter, chosen, consume, block_outputs=blocks, progress=progress, desc="collect outputs")
+    return {i: torch.cat(r) for i, r in rows.items()}

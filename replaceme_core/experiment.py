@@ -7,10 +7,11 @@ shares one capture, and a re-run with nothing changed performs no forward pass f
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -19,7 +20,8 @@ import torch
 import yaml
 
 from .arch import get_adapter
-from .cache import cache_dir, hash_bytes
+from .cache import cache_dir, hash_bytes, stable_json
+from .merge import Replacement, apply_replacements
 from .prune import Calibration, PruneConfig, PruneResult, calibrate, prune
 from .select import Run
 from .stats import DistanceStats, LSStats
@@ -134,14 +136,26 @@ class Workbench:
         return PruneConfig(num_blocks=num_blocks or self.profile["num_blocks"], method=method, **{**iterative, **overrides})
 
     def prune(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:
-        """A pruned copy of the base model. LS and UIDL reuse cached statistics; iterative methods capture anew."""
+        """A pruned copy of the base model.
+
+        LS and UIDL reuse the cached statistics; iterative methods capture their activations once and cache the
+        fitted transforms (keyed by the statistics key and the full config), so a re-run applies them directly.
+        """
         cfg = self.config(method, num_blocks, **overrides)
+        model = copy.deepcopy(self.model)
+        cached = self.stats_dir / f"transforms-{hash_bytes(stable_json(asdict(cfg)))[:16]}.pt"
+        if cached.exists():
+            state = torch.load(cached)
+            replacements = [Replacement(Run(s, n), T) for s, n, T in state["replacements"]]
+            apply_replacements(get_adapter(model), replacements)
+            return Variant(name or f"{method} n={cfg.num_blocks}", model, json.loads(state["record"]))
         runs: list[Run] = []
         if cfg.method == "ls" and cfg.selection == "angular":
-            runs = self.candidate_runs(cfg.run_length) if cfg.start is None else [Run(int(s), cfg.run_length) for s in ([cfg.start] if isinstance(cfg.start, int) else cfg.start)]
+            starts = None if cfg.start is None else ([cfg.start] if isinstance(cfg.start, int) else cfg.start)
+            runs = self.candidate_runs(cfg.run_length) if starts is None else [Run(int(s), cfg.run_length) for s in starts]
         precomputed = self.stats(runs, distances=cfg.start is None)
-        model = copy.deepcopy(self.model)
         result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
+        _save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)
         return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record)
 
     # --- measurement ----------------------------------------------------------------------------

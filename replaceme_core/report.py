@@ -106,3 +106,65 @@ def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
 
 def relative_performance(value: float, baseline: float) -> float:
     return value / baseline if baseline else float("nan")
+
+
+# --- comparing evaluation results (the dicts returned by evaluate.evaluate) --------------------
+
+def per_doc_scores(result: dict, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(doc ids, per-document score in the task's reported metric) — 0/1 accuracies, or LAMBADA log-likelihoods."""
+    entry = result["tasks"][task]
+    docs = entry["per_doc"]
+    key = "loglikelihood" if entry["metric"] == "perplexity" else entry["metric"]
+    if key not in docs:
+        key = "acc"
+    return np.asarray(docs["doc_id"]), np.asarray(docs[key], dtype=float)
+
+
+def _aligned(a: dict, b: dict, task: str) -> tuple[np.ndarray, np.ndarray]:
+    ids_a, va = per_doc_scores(a, task)
+    ids_b, vb = per_doc_scores(b, task)
+    common, ia, ib = np.intersect1d(ids_a, ids_b, return_indices=True)
+    if common.size == 0:
+        raise ValueError(f"no common documents for {task}")
+    return va[ia], vb[ib]
+
+
+def accuracy_difference(a: dict, b: dict, tasks: Sequence[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over tasks of (accuracy of a − accuracy of b), with a 95% bootstrap interval.
+
+    Documents are resampled within each task (paired: the same documents for a and b), so the interval
+    reflects how many documents were scored — the dominant uncertainty of a small-budget run.
+    """
+    rng = np.random.default_rng(seed)
+    diffs, boots = [], np.zeros(n_boot)
+    for task in tasks:
+        va, vb = _aligned(a, b, task)
+        d = va - vb
+        diffs.append(d.mean())
+        boots += d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    boots /= len(tasks)
+    return float(np.mean(diffs)), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def log_perplexity_ratio(a: dict, b: dict, task: str = "lambada_openai", n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """log(ppl_a / ppl_b) on LAMBADA (lm-eval: ppl = exp(−mean target log-likelihood)), 95% paired bootstrap."""
+    va, vb = _aligned(a, b, task)
+    d = vb - va  # log ppl_a − log ppl_b = mean(−ll_a) − mean(−ll_b)
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def results_frame(results: dict[str, dict], extra: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per variant: each task's reported metric, Avg-acc (paper definition), LAMBADA ppl, extras."""
+    rows = []
+    for name, res in results.items():
+        row = {"variant": name}
+        for task, entry in res["tasks"].items():
+            if task != "lambada_openai":
+                row[task] = entry["value"]
+        row["avg_acc"] = res.get("avg_acc")
+        row["lambada_ppl"] = res.get("lambada_ppl")
+        row.update((extra or {}).get(name, {}))
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -104,3 +104,11 @@ def choose_by_block_influence(cosine: torch.Tensor, num_blocks: int) -> list[Run
     validate_run(Run(1, num_blocks), cosine.shape[0])
     picked = sorted(sorted(bi, key=lambda i: (bi[i], i))[:num_blocks])
     return merge_touching([Run(i, 1) for i in picked])
+
+
+def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Linear CKA between two sets of token representations [N, d] (Kornblith et al., 2019); 1 = same up to rotation/scale."""
+    X = X.double() - X.double().mean(0)
+    Y = Y.double() - Y.double().mean(0)
+    cross = (X.T @ Y).norm() ** 2
+    return float(cross / ((X.T @ X).norm() * (Y.T @ Y).norm()))
