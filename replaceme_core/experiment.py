@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -68,6 +68,7 @@ class Variant:
     name: str
     model: torch.nn.Module
     record: dict | None = None
+    replacements: list[Replacement] = field(default_factory=list)
 
 
 class Workbench:
@@ -148,7 +149,7 @@ class Workbench:
             state = torch.load(cached)
             replacements = [Replacement(Run(s, n), T) for s, n, T in state["replacements"]]
             apply_replacements(get_adapter(model), replacements)
-            return Variant(name or f"{method} n={cfg.num_blocks}", model, json.loads(state["record"]))
+            return Variant(name or f"{method} n={cfg.num_blocks}", model, json.loads(state["record"]), replacements)
         runs: list[Run] = []
         if cfg.method == "ls" and cfg.selection == "angular":
             starts = None if cfg.start is None else ([cfg.start] if isinstance(cfg.start, int) else cfg.start)
@@ -156,7 +157,7 @@ class Workbench:
         precomputed = self.stats(runs, distances=cfg.start is None)
         result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
         _save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)
-        return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record)
+        return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record, result.replacements)
 
     # --- measurement ----------------------------------------------------------------------------
     def evaluate(self, model, suite: str = "main", **overrides) -> dict:

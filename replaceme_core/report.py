@@ -110,19 +110,19 @@ def relative_performance(value: float, baseline: float) -> float:
 
 # --- comparing evaluation results (the dicts returned by evaluate.evaluate) --------------------
 
-def per_doc_scores(result: dict, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(doc ids, per-document score in the task's reported metric) — 0/1 accuracies, or LAMBADA log-likelihoods."""
+def per_doc_scores(result: dict, task: str, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(doc ids, per-document values): the task's reported metric (0/1), or `key` (e.g. LAMBADA's "loglikelihood")."""
     entry = result["tasks"][task]
     docs = entry["per_doc"]
-    key = "loglikelihood" if entry["metric"] == "perplexity" else entry["metric"]
+    key = key or entry["metric"]
     if key not in docs:
-        key = "acc"
+        raise KeyError(f"{task} has no per-document {key!r} (has {sorted(docs)})")
     return np.asarray(docs["doc_id"]), np.asarray(docs[key], dtype=float)
 
 
-def _aligned(a: dict, b: dict, task: str) -> tuple[np.ndarray, np.ndarray]:
-    ids_a, va = per_doc_scores(a, task)
-    ids_b, vb = per_doc_scores(b, task)
+def _aligned(a: dict, b: dict, task: str, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    ids_a, va = per_doc_scores(a, task, key)
+    ids_b, vb = per_doc_scores(b, task, key)
     common, ia, ib = np.intersect1d(ids_a, ids_b, return_indices=True)
     if common.size == 0:
         raise ValueError(f"no common documents for {task}")
@@ -148,7 +148,7 @@ def accuracy_difference(a: dict, b: dict, tasks: Sequence[str], n_boot: int = 20
 
 def log_perplexity_ratio(a: dict, b: dict, task: str = "lambada_openai", n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """log(ppl_a / ppl_b) on LAMBADA (lm-eval: ppl = exp(−mean target log-likelihood)), 95% paired bootstrap."""
-    va, vb = _aligned(a, b, task)
+    va, vb = _aligned(a, b, task, "loglikelihood")
     d = vb - va  # log ppl_a − log ppl_b = mean(−ll_a) − mean(−ll_b)
     rng = np.random.default_rng(seed)
     boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
