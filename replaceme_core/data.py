@@ -27,6 +27,7 @@ with a warning when the tokenizer has no chat template (the paper's Llama-2 base
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import warnings
@@ -45,6 +46,7 @@ __all__ = [
     "render_messages",
     "token_batches",
     "count_tokens",
+    "hub_reachable",
 ]
 
 
@@ -222,15 +224,24 @@ def _hub_error(what: str, e: BaseException) -> DataSourceError:
                            f"unavailable ({type(e).__name__}: {msg}); {_OFFLINE_HINT}")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Fast probe of the hub endpoint, so that an offline machine fails in seconds, not after
-    datasets' retry back-off. Skipped (True) in HF offline mode, where datasets may use its cache."""
+def hub_offline_mode() -> bool:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set: the hub is not to be contacted (its local cache may still serve)."""
+    import os
+
+    on = {"1", "true", "yes", "on"}
+    return any(os.environ.get(k, "").strip().lower() in on for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Fast probe of the hub endpoint (once per process), so that an offline machine fails in seconds rather
+    than after datasets' retry back-off. False in HF offline mode."""
     import os
     import socket
     from urllib.parse import urlsplit
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
-        return True
+    if hub_offline_mode():
+        return False
     url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
@@ -240,7 +251,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _check_hub(what: str) -> None:
-    if not _hub_reachable():
+    if hub_offline_mode():  # let datasets try its local cache
+        return
+    if not hub_reachable():
         raise DataSourceError(f"cannot load hub dataset {what}: the Hugging Face hub is unreachable from this "
                               f"machine; {_OFFLINE_HINT}")
 

@@ -40,7 +40,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .cache import atomic_write_text, cache_dir, hash_bytes, hash_file, stable_json
+from .data import hub_reachable
 
 # Bump when the layout of cached result files or the meaning of a key field changes.
 CACHE_VERSION = 1
@@ -397,22 +397,6 @@ class _ModelRef:
 # --------------------------------------------------------------------------------------------
 # Hub reachability (auto mode only)
 # --------------------------------------------------------------------------------------------
-_HUB: bool | None = None
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    global _HUB
-    if _HUB is None:
-        off = {"1", "true", "yes", "on"}
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in off or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in off:
-            _HUB = False
-        else:
-            try:
-                socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-                _HUB = True
-            except OSError:
-                _HUB = False
-    return _HUB
 
 
 # --------------------------------------------------------------------------------------------

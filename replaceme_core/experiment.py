@@ -22,7 +22,7 @@ import yaml
 from .arch import get_adapter
 from .cache import cache_dir, hash_bytes, stable_json
 from .merge import Replacement, apply_replacements
-from .prune import Calibration, PruneConfig, PruneResult, calibrate, prune
+from .prune import Calibration, PruneConfig, PruneResult, calibrate, prune, select_runs
 from .select import Run
 from .stats import DistanceStats, LSStats
 
@@ -127,6 +127,13 @@ class Workbench:
         out.tokens = sum(int(b["attention_mask"].sum()) for b in self.batches)
         return out
 
+    def chosen_runs(self, cfg: PruneConfig) -> list[Run]:
+        """The runs `cfg` would remove: its explicit starts, or the selection rule applied to the cached distances."""
+        if cfg.start is not None:
+            starts = [cfg.start] if isinstance(cfg.start, int) else cfg.start
+            return [Run(int(s), cfg.run_length) for s in starts]
+        return select_runs(cfg, self.stats(distances=True).distances, self.num_layers)[0]
+
     def candidate_runs(self, n: int) -> list[Run]:
         return [Run(s, n) for s in range(1, self.num_layers - n + 1)]
 
@@ -150,10 +157,7 @@ class Workbench:
             replacements = [Replacement(Run(s, n), T) for s, n, T in state["replacements"]]
             apply_replacements(get_adapter(model), replacements)
             return Variant(name or f"{method} n={cfg.num_blocks}", model, json.loads(state["record"]), replacements)
-        runs: list[Run] = []
-        if cfg.method == "ls" and cfg.selection == "angular":
-            starts = None if cfg.start is None else ([cfg.start] if isinstance(cfg.start, int) else cfg.start)
-            runs = self.candidate_runs(cfg.run_length) if starts is None else [Run(int(s), cfg.run_length) for s in starts]
+        runs = self.chosen_runs(cfg) if cfg.method == "ls" else []
         precomputed = self.stats(runs, distances=cfg.start is None)
         result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
         _save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)

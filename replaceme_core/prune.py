@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import Adapter, FoldError, get_adapter
-from .capture import Activations, CalibrationError, run_capture
+from .capture import Activations, CalibrationError, _input_device, run_capture
 from .merge import Replacement, apply_replacements
 from .select import Run, choose_by_block_influence, choose_runs, merge_touching, run_scores, validate_run
 from .solve import STRUCTURES, IterativeConfig, columns_for, solve_closed_form, solve_iterative
@@ -45,7 +45,7 @@ class Calibration:
 def _stats_device(model: nn.Module, requested) -> torch.device:
     if requested is not None:
         return torch.device(requested)
-    return model.get_input_embeddings().weight.device
+    return _input_device(model)
 
 
 def calibrate(
@@ -207,7 +207,8 @@ def _explicit_runs(cfg: PruneConfig, num_layers: int) -> list[Run]:
     return merged
 
 
-def _choose(cfg: PruneConfig, dist: DistanceStats, num_layers: int) -> tuple[list[Run], dict[int, float]]:
+def select_runs(cfg: PruneConfig, dist: DistanceStats, num_layers: int) -> tuple[list[Run], dict[int, float]]:
+    """The runs `cfg` removes when chosen from `dist` (angular argmin or Block Influence), with each start's score."""
     if cfg.selection == "bi":
         if cfg.num_transforms != 1:
             raise ValueError("Block Influence selection picks single blocks; it decides the runs itself (use num_transforms=1)")
@@ -260,7 +261,7 @@ def prune(
     if config.start is not None:
         runs = _explicit_runs(config, num_layers)
     elif dist is not None:
-        runs, scores = _choose(config, dist, num_layers)
+        runs, scores = select_runs(config, dist, num_layers)
     else:
         candidates = [Run(s, config.run_length) for s in range(1, num_layers - config.run_length + 1)]
         one_pass = needs_ls and config.selection == "angular" and len(candidates) * 2 * d * d * 8 <= config.one_pass_budget_gb * 2**30
@@ -270,7 +271,7 @@ def prune(
         )
         timings["selection_pass_s"] = calib.seconds
         dist = calib.distances
-        runs, scores = _choose(config, dist, num_layers)
+        runs, scores = select_runs(config, dist, num_layers)
 
     missing_ls = [r for r in runs if needs_ls and r not in calib.ls]
     if missing_ls or needs_store:
@@ -326,3 +327,6 @@ def prune(
         "index_convention": "0-based indices of the original model; block start-1 keeps its place and receives T",
     }
     return PruneResult(model=model, replacements=replacements, record=record, distances=dist)
+
+
+_choose = select_runs  # transitional name used by distributed.py

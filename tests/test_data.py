@@ -128,7 +128,7 @@ def test_hub_slimorca_formatting(monkeypatch, tok):
         return iter(ORCA_ROWS if "Orca" in path else [{"text": f"web page {i}"} for i in range(10)])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)
     t = data.load_texts("Open-Orca/SlimOrca", tok, 2, seed=123)
     assert calls[0] == ("Open-Orca/SlimOrca", None, "train")
     assert t[0] == tok.apply_chat_template([{"role": "user", "content": "Translate 'chat' to English."},
@@ -148,14 +148,14 @@ def test_hub_unreachable_is_one_line(monkeypatch, tok):
         raise ConnectionError("Couldn't reach 'Open-Orca/SlimOrca' on the Hub (LocalEntryNotFoundError)\nlong trace")
 
     monkeypatch.setattr(datasets, "load_dataset", boom)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)
     with pytest.raises(data.DataSourceError) as e:
         data.load_texts("Open-Orca/SlimOrca", tok, 4)
     msg = str(e.value)
     assert "hub is unreachable" in msg and "'wiki'" in msg and "natural-instructions" in msg and "\n" not in msg
     assert e.value.__cause__ is None and e.value.__suppress_context__
     # the fast probe fails before datasets is even called
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(data.DataSourceError, match="unreachable from this machine"):
         data.load_texts("allenai/c4", tok, 4)
 
