@@ -55,6 +55,10 @@ lab: setup
 	$(BIN)/python -m pip install --quiet jupyterlab
 	$(BIN)/python -m jupyter lab notebooks
 
+# Compression cost and pruned-model speed as side-by-side ratios → bench/RESULTS.md (≈10 min on 2 CPU cores).
+bench: setup
+	$(BIN)/python bench/bench.py --out bench/RESULTS.md
+
 clean:
 	rm -rf build .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

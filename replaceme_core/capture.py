@@ -55,7 +55,16 @@ def _first(output):
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the input ids must go: the embedding's device, or, when accelerate offloaded its weight (meta
+    device, loaded on the fly), the execution device of its accelerate hook."""
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    if device.type == "meta":
+        hook = getattr(embeddings, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    return device
 
 
 def run_capture(
@@ -125,7 +134,9 @@ def run_capture(
                     raise RuntimeError(f"hooks on blocks {missing} did not fire; is the model's forward standard?")
                 for name, store in (("block", current.block_out), ("MLP", current.mlp_out)):
                     for i, x in store.items():
-                        if not torch.isfinite(current.real(x)).all():
+                        # one reduction per row instead of a copy of the real rows: inf/nan propagate into the sum
+                        row_sums = x.sum(dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+                        if not torch.isfinite(row_sums[current.mask.to(x.device)]).all():
                             raise CalibrationError(
                                 f"non-finite values in the {name} output of block {i}: the model overflows in "
                                 f"{x.dtype}; load it in bfloat16 or float32 instead"

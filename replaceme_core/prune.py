@@ -85,13 +85,16 @@ def calibrate(
     for run in ls_runs:
         runs_by_kept[run.kept].append(run)
 
+    # float64 copies only of the blocks the LS sums and stores use; distances work in float32
+    f64_blocks = {b for run in ls_runs + store_runs for b in (run.kept, run.last)}
+
     def consume(acts: Activations) -> None:
-        real = {i: acts.real(x).to(device, torch.float64) for i, x in acts.block_out.items() if i in block_outputs}
-        mlp = {i: acts.real(x).to(device, torch.float64) for i, x in acts.mlp_out.items()}
         if result.distances is not None:
             order = range(adapter.num_layers)
-            result.distances.update([real[i] for i in order], "all")
+            result.distances.update([acts.real(acts.block_out[i]) for i in order], "all")
             result.distances.update([acts.last(acts.block_out[i]) for i in order], "last")
+        real = {i: acts.real(acts.block_out[i]).to(device, torch.float64) for i in f64_blocks}
+        mlp = {i: acts.real(x).to(device, torch.float64) for i, x in acts.mlp_out.items()}
         for kept, runs in runs_by_kept.items():
             M = mlp[kept]
             MtM = M.T @ M
@@ -328,5 +331,3 @@ def prune(
     }
     return PruneResult(model=model, replacements=replacements, record=record, distances=dist)
 
-
-_choose = select_runs  # transitional name used by distributed.py

@@ -100,18 +100,19 @@ class DistanceStats:
 
     @torch.no_grad()
     def update(self, outputs: list[torch.Tensor], tokens: str) -> None:
-        """`outputs[i]` is block i's output on the selected tokens, [N, d]."""
+        """`outputs[i]` is block i's output on the selected tokens, [N, d].
+
+        One batched matmul gives every token's L×L cosine matrix; the L2 distance of unit-RMS vectors is a
+        function of it (‖a/rms(a) − b/rms(b)‖/√d = √(2 − 2cos)), so no [L, N, d] difference is formed.
+        """
         X = torch.stack([o.to(self.device, torch.float32) for o in outputs])  # [L, N, d]
-        norms = X.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        unit = X / norms
-        rms = X / (norms / math.sqrt(X.shape[-1]))
-        for a in range(self.L - 1):
-            cos = torch.einsum("nd,lnd->ln", unit[a], unit[a + 1 :]).to(torch.float64)
-            l2 = (rms[a] - rms[a + 1 :]).norm(dim=-1).to(torch.float64) / math.sqrt(X.shape[-1])
-            for metric, values in (("angular", _angular(cos)), ("cosine", cos), ("l2", l2)):
-                row = values.sum(dim=1)
-                self.sums[(tokens, metric)][a, a + 1 :] += row
-                self.sums[(tokens, metric)][a + 1 :, a] += row
+        unit = X / X.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = unit.transpose(0, 1)  # [N, L, d]
+        cos = torch.bmm(unit, unit.transpose(1, 2)).to(torch.float64)  # [N, L, L]
+        off = ~torch.eye(self.L, dtype=torch.bool, device=cos.device)
+        l2 = (2 * (1 - cos)).clamp_min(0).sqrt()
+        for metric, values in (("angular", _angular(cos)), ("cosine", cos), ("l2", l2)):
+            self.sums[(tokens, metric)] += values.sum(dim=0) * off
         self.counts[tokens] += X.shape[1]
 
     def merge_(self, other: "DistanceStats") -> "DistanceStats":
