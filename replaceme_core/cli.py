@@ -46,9 +46,25 @@ def _load(args):
     return model, tokenizer, batches, info, load_s
 
 
+def prune_config_from_args(args):
+    """The PruneConfig that `replaceme prune`'s options describe (also used by the torchrun entry point)."""
+    from .prune import PruneConfig
+
+    start = None
+    if args.start is not None:
+        start = [int(s) for s in str(args.start).split(",")]
+        start = start[0] if len(start) == 1 else start
+    return PruneConfig(
+        num_blocks=args.num_blocks, method=args.method, structure=args.structure, start=start,
+        num_transforms=args.num_transforms, separated=args.separated, selection=args.selection,
+        distance_tokens=args.distance_tokens, ridge=args.ridge, optimizer=args.optimizer, lr=args.lr,
+        epochs=args.epochs, batch_tokens=args.batch_tokens, l1=args.l1, l2=args.l2, seed=args.seed,
+    )
+
+
 def _cmd_prune(args) -> int:
     from .merge import save_checkpoint
-    from .prune import PruneConfig, prune
+    from .prune import prune
 
     if args.num_blocks <= 0:
         print(f"error: --num-blocks must be positive, got {args.num_blocks}", file=sys.stderr)
@@ -57,16 +73,7 @@ def _cmd_prune(args) -> int:
     if out.exists() and not args.overwrite:
         print(f"error: {out} already exists; choose another --out or pass --overwrite", file=sys.stderr)
         return 2
-    start = None
-    if args.start is not None:
-        start = [int(s) for s in str(args.start).split(",")]
-        start = start[0] if len(start) == 1 else start
-    config = PruneConfig(
-        num_blocks=args.num_blocks, method=args.method, structure=args.structure, start=start,
-        num_transforms=args.num_transforms, separated=args.separated, selection=args.selection,
-        distance_tokens=args.distance_tokens, ridge=args.ridge, optimizer=args.optimizer, lr=args.lr,
-        epochs=args.epochs, batch_tokens=args.batch_tokens, l1=args.l1, l2=args.l2, seed=args.seed,
-    )
+    config = prune_config_from_args(args)
     model, tokenizer, batches, info, load_s = _load(args)
     info["model"] = args.model
     result = prune(model, batches, config, calibration_info=info, progress=not args.quiet)

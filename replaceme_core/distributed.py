@@ -180,17 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.device is None and args.device_map is None and device is not None:
             args.device = device
-        from .cli import _load
+        from .cli import _load, prune_config_from_args
 
-        start = None
-        if args.start is not None:
-            start = [int(s) for s in str(args.start).split(",")]
-            start = start[0] if len(start) == 1 else start
-        config = PruneConfig(
-            num_blocks=args.num_blocks, method=args.method, structure=args.structure, start=start,
-            num_transforms=args.num_transforms, separated=args.separated, selection=args.selection,
-            distance_tokens=args.distance_tokens, ridge=args.ridge, seed=args.seed,
-        )
+        config = prune_config_from_args(args)
         model, tokenizer, batches, info, load_s = _load(args)
         info.update(model=args.model, world_size=world_size)
         result = prune_distributed(model, batches, config, calibration_info=info, progress=not args.quiet)
