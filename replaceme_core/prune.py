@@ -20,7 +20,7 @@ from .arch import Adapter, FoldError, get_adapter
 from .capture import Activations, CalibrationError, _input_device, run_capture
 from .merge import Replacement, apply_replacements
 from .select import Run, choose_by_block_influence, choose_runs, merge_touching, run_scores, validate_run
-from .solve import STRUCTURES, IterativeConfig, columns_for, solve_closed_form, solve_iterative
+from .solve import STRUCTURES, IterativeConfig, check_choice, columns_for, solve_closed_form, solve_iterative
 from .stats import ActivationStore, DistanceStats, LSStats
 
 METHODS = ("ls", "cosine", "cosine-exact", "mse", "uidl")
@@ -152,14 +152,10 @@ class PruneConfig:
         )
 
     def validate(self, num_layers: int) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.structure not in STRUCTURES:
-            raise ValueError(f"unknown structure {self.structure!r}; choose one of {', '.join(STRUCTURES)}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
-        if self.distance_tokens not in ("last", "all"):
-            raise ValueError("distance_tokens must be 'last' or 'all'")
+        check_choice("method", self.method, METHODS)
+        check_choice("structure", self.structure, STRUCTURES)
+        check_choice("selection", self.selection, SELECTIONS)
+        check_choice("distance_tokens", self.distance_tokens, ("last", "all"))
         if self.num_blocks <= 0:
             raise ValueError(f"--num-blocks must be positive, got {self.num_blocks}")
         if self.num_blocks > num_layers - 1:

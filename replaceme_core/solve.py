@@ -21,6 +21,12 @@ OBJECTIVES = ("cosine", "cosine-exact", "mse")
 OPTIMIZERS = ("adam", "lbfgs")
 
 
+def check_choice(what: str, value: str, options) -> None:
+    """One wording for every 'unknown option' error."""
+    if value not in options:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
+
+
 def solve_ls(stats: LSStats, ridge: float = 0.0) -> torch.Tensor:
     """T = (MᵀM + αI)⁻¹ Mᵀ R via a Cholesky factorisation, in float64."""
     if ridge < 0:
@@ -61,7 +67,7 @@ def solve_closed_form(stats: LSStats, structure: str = "full", ridge: float = 0.
         return solve_diagonal(stats, ridge)
     if structure == "orthonormal":
         return solve_orthonormal(stats)
-    raise ValueError(f"unknown structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
+    check_choice("structure", structure, STRUCTURES)
 
 
 @dataclass
@@ -80,10 +86,8 @@ class IterativeConfig:
     lbfgs_iters: int = 5  # L-BFGS iterations per mini-batch
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.structure not in ("full", "diagonal"):
             raise ValueError("iterative solvers support structure 'full' or 'diagonal'")
         if self.epochs <= 0 or self.batch_tokens <= 0 or self.lr <= 0:
