@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -48,6 +49,14 @@ def _batches_hash(batches: Iterable[dict]) -> str:
             t = b[key].contiguous().cpu()
             chunks += [key, str(tuple(t.shape)), t.numpy().tobytes()]
     return hash_bytes(*chunks)
+
+
+ITERATIVE_METHODS = ("cosine", "cosine-exact", "mse")
+
+
+def _close_all(stores: dict) -> None:
+    for calibration in stores.values():
+        calibration.close()
 
 
 def _save(obj, path: Path) -> None:
@@ -90,7 +99,32 @@ class Workbench:
         self.key = hash_bytes(self.weights_hash, _batches_hash(self.batches))[:24]
         self.stats_dir = cache_dir("stats", self.key)
         self.num_layers = get_adapter(self.model).num_layers
+        self._stores: dict[tuple[Run, ...], Calibration] = {}
+        weakref.finalize(self, _close_all, self._stores)
         self.setup_seconds = time.perf_counter() - t0
+
+    # --- other calibration data on the same model ------------------------------------------------
+    def with_batches(self, batches: list[dict], label: str, samples: int | None = None) -> "Workbench":
+        """A sibling sharing model and tokenizer, calibrated on `batches` (own statistics cache, keyed by content)."""
+        twin = copy.copy(self)
+        twin.batches = list(batches)
+        twin.texts = None
+        twin.calibration_info = {**self.calibration_info, "source": label, "samples": samples if samples is not None else sum(len(b["input_ids"]) for b in batches)}
+        twin.key = hash_bytes(self.weights_hash, _batches_hash(twin.batches))[:24]
+        twin.stats_dir = cache_dir("stats", twin.key)
+        twin._stores = {}
+        weakref.finalize(twin, _close_all, twin._stores)
+        return twin
+
+    def with_texts(self, texts: list[str], label: str) -> "Workbench":
+        """A sibling calibrated on `texts`, tokenised with the profile's batch size and maximum length."""
+        from .data import token_batches
+
+        c = self.profile["calibration"]
+        twin = self.with_batches(list(token_batches(texts, self.tokenizer, batch_size=c["batch_size"], max_length=c["max_length"])),
+                                 label, samples=len(texts))
+        twin.texts = list(texts)
+        return twin
 
     # --- statistics, cached by content ----------------------------------------------------------
     def _ls_path(self, run: Run) -> Path:
@@ -159,9 +193,39 @@ class Workbench:
             return Variant(name or f"{method} n={cfg.num_blocks}", model, json.loads(state["record"]), replacements)
         runs = self.chosen_runs(cfg) if cfg.method == "ls" else []
         precomputed = self.stats(runs, distances=cfg.start is None)
+        if cfg.method in ITERATIVE_METHODS:
+            precomputed.stores = self._activation_stores(self.chosen_runs(cfg))
         result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
         _save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)
         return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record, result.replacements)
+
+    def _activation_stores(self, runs: list[Run]) -> dict:
+        """On-disk activations (M, R, Y) of `runs`, captured once per workbench and shared by every iterative variant."""
+        key = tuple(runs)
+        if key not in self._stores:
+            self._stores[key] = calibrate(self.model, self.batches, store_runs=runs, store_columns=("M", "R", "Y"),
+                                          progress=self.progress, desc=f"capture activations ({len(runs)} runs)")
+        return dict(self._stores[key].stores)
+
+    def prune_separate(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:
+        """Like `prune`, but T maps the kept block's whole output (Table 10; `separate.py`): in memory only."""
+        from .separate import apply_separate, fit_separate
+
+        cfg = self.config(method, num_blocks, **overrides)
+        cfg.validate(self.num_layers)
+        runs = self.chosen_runs(cfg)
+        cached = self.stats_dir / f"separate-{hash_bytes(stable_json(asdict(cfg)))[:16]}.pt"
+        if cached.exists():
+            replacements = [Replacement(Run(s, n), T) for s, n, T in torch.load(cached)["replacements"]]
+        else:
+            iterative = cfg.iterative() if method in ITERATIVE_METHODS else None
+            replacements = fit_separate(self.model, self.batches, runs, method, iterative=iterative, ridge=cfg.ridge, progress=self.progress)
+            _save({"replacements": [(r.run.start, r.run.n, r.T) for r in replacements]}, cached)
+        model = apply_separate(copy.deepcopy(self.model), replacements)
+        record = {"method": method, "variant": "separate LT (not fused; in memory only)", "config": asdict(cfg),
+                  "removed_blocks": sorted(b for r in replacements for b in r.run.removed),
+                  "blocks_followed_by_T": [r.run.kept for r in replacements if r.T is not None]}
+        return Variant(name or f"{method} separate n={cfg.num_blocks}", model, record, replacements)
 
     # --- measurement ----------------------------------------------------------------------------
     def evaluate(self, model, suite: str = "main", **overrides) -> dict:

@@ -43,6 +43,11 @@ def apply_replacements(adapter: Adapter, replacements: list[Replacement]) -> Non
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, record: dict, overwrite: bool = False) -> Path:
     """Write safetensors + config + tokenizer + replaceme.json into `out_dir`, all or nothing."""
+    from .separate import has_separate_transforms
+
+    if has_separate_transforms(model):
+        raise ValueError("this model carries separate (un-fused) transforms, which a stock checkpoint cannot hold: "
+                         "save a fused variant instead (prune without the separate-LT option)")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

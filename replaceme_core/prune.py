@@ -140,6 +140,7 @@ class PruneConfig:
     batch_tokens: int = 1024
     l1: float = 0.0
     l2: float = 0.0
+    max_iter: int = 100  # optimizer cg / trust-ncg: SciPy iterations on the full batch
     seed: int = 0
     one_pass_budget_gb: float = 4.0  # LS sums for every candidate run from the selection pass, if they fit
 
@@ -148,7 +149,7 @@ class PruneConfig:
         structure = "diagonal" if self.structure == "diagonal" else "full"
         return IterativeConfig(
             objective=objective, optimizer=self.optimizer, lr=self.lr, batch_tokens=self.batch_tokens,
-            epochs=self.epochs, l1=self.l1, l2=self.l2, structure=structure, seed=self.seed,
+            epochs=self.epochs, l1=self.l1, l2=self.l2, structure=structure, seed=self.seed, max_iter=self.max_iter,
         )
 
     def validate(self, num_layers: int) -> None:
@@ -254,8 +255,10 @@ def prune(
 
     scores: dict[int, float] = {}
     calib = Calibration()
+    borrowed: dict[Run, ActivationStore] = {}  # the caller's stores: used, never closed here
     if calibration is not None:
         calib = Calibration(distances=calibration.distances, ls=dict(calibration.ls), tokens=calibration.tokens)
+        borrowed = dict(calibration.stores)
     dist = calib.distances
     if config.start is not None:
         runs = _explicit_runs(config, num_layers)
@@ -273,6 +276,11 @@ def prune(
         runs, scores = select_runs(config, dist, num_layers)
 
     missing_ls = [r for r in runs if needs_ls and r not in calib.ls]
+    if needs_store:
+        wanted = set(columns_for(config.iterative().objective))
+        if all(r in borrowed and wanted <= set(borrowed[r].columns) for r in runs):
+            calib.stores = {r: borrowed[r] for r in runs}
+            needs_store = False
     if missing_ls or needs_store:
         second = calibrate(
             model, batches, ls_runs=missing_ls, store_runs=runs if needs_store else (),
@@ -297,13 +305,15 @@ def prune(
                 T = solve_closed_form(calib.ls[run], config.structure, config.ridge)
                 info["relative_residual"] = calib.ls[run].relative_residual(T)
                 info["identity_relative_residual"] = calib.ls[run].relative_residual(torch.eye(d, dtype=torch.float64))
-            elif needs_store:
+            elif run in calib.stores:
                 T, history = solve_iterative(calib.stores[run], config.iterative(), device=stats_device or "cpu", progress=progress)
                 info["loss_per_epoch"] = history
             replacements.append(Replacement(run, T))
             run_info.append(info)
     finally:
-        calib.close()
+        for run, store in calib.stores.items():
+            if borrowed.get(run) is not store:
+                store.close()
     timings["solve_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
