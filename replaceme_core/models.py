@@ -26,6 +26,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TINY_MODELS = {
     "tiny-random-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    # Gemma 3 layout (post-feedforward RMSNorm before the residual add: only a diagonal T folds), for the smoke
+    # profile of notebook 10; sliding/full attention alternate as in Gemma 3 (window 32 here)
+    "tiny-random-gemma3": dict(arch="gemma3", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                               sliding_window=32, tie_word_embeddings=True),
 }
 
 
@@ -38,10 +43,17 @@ def tiny_random_model(name: str = "tiny-random-llama", seed: int = 0, dtype: tor
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path("smollm2-135m-instruct"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **TINY_MODELS[name])
+    spec = dict(TINY_MODELS[name])
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if spec.pop("arch", "llama") == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config, cls = Gemma3TextConfig(**ids, **spec), Gemma3ForCausalLM
+    else:
+        config, cls = LlamaConfig(**ids, **spec), LlamaForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    model = cls(config).to(dtype).eval()
     return model, tokenizer
 
 

@@ -141,6 +141,8 @@ class PruneConfig:
     l1: float = 0.0
     l2: float = 0.0
     max_iter: int = 100  # optimizer cg / trust-ncg: SciPy iterations on the full batch
+    full_batch_rows: int = 32768  # optimizer cg / trust-ncg: at most this many rows (a fixed seeded subsample beyond)
+    lbfgs_iters: int = 5  # optimizer lbfgs: iterations per mini-batch (the official code: 1)
     seed: int = 0
     one_pass_budget_gb: float = 4.0  # LS sums for every candidate run from the selection pass, if they fit
 
@@ -150,6 +152,7 @@ class PruneConfig:
         return IterativeConfig(
             objective=objective, optimizer=self.optimizer, lr=self.lr, batch_tokens=self.batch_tokens,
             epochs=self.epochs, l1=self.l1, l2=self.l2, structure=structure, seed=self.seed, max_iter=self.max_iter,
+            full_batch_rows=self.full_batch_rows, lbfgs_iters=self.lbfgs_iters,
         )
 
     def validate(self, num_layers: int) -> None:

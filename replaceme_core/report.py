@@ -111,13 +111,19 @@ def relative_performance(value: float, baseline: float) -> float:
 # --- comparing evaluation results (the dicts returned by evaluate.evaluate) --------------------
 
 def per_doc_scores(result: dict, task: str, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(doc ids, per-document values): the task's reported metric (0/1), or `key` (e.g. LAMBADA's "loglikelihood")."""
+    """(document keys, per-document values): the task's reported metric (0/1), or `key` (e.g. LAMBADA's "loglikelihood").
+
+    A group task (MMLU) numbers documents within each subtask, so its keys are "subtask/doc_id" strings.
+    """
     entry = result["tasks"][task]
     docs = entry["per_doc"]
     key = key or entry["metric"]
     if key not in docs:
         raise KeyError(f"{task} has no per-document {key!r} (has {sorted(docs)})")
-    return np.asarray(docs["doc_id"]), np.asarray(docs[key], dtype=float)
+    ids = np.asarray(docs["doc_id"])
+    if "subtask" in docs:
+        ids = np.asarray([f"{t}/{i}" for t, i in zip(docs["subtask"], docs["doc_id"])])
+    return ids, np.asarray(docs[key], dtype=float)
 
 
 def _aligned(a: dict, b: dict, task: str, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:

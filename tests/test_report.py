@@ -84,3 +84,16 @@ def test_write_table_writes_markdown_and_csv(tmp_path):
     assert md.startswith("**cap**") and "| a | 0.5 |" in md and "| b |  |" in md
     assert pd.read_csv(paths["csv"]).shape == (2, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.md"]
+
+
+def test_group_tasks_pair_documents_by_subtask_and_id():
+    """MMLU numbers documents within each subject: (subject, id) pairs, not the bare id, identify a document."""
+    def group(values):
+        return {"tasks": {"mmlu": {"metric": "acc", "value": float(np.mean(values)), "n": 4,
+                                   "per_doc": {"doc_id": [0, 1, 0, 1], "subtask": ["s1", "s1", "s2", "s2"], "acc": values}}}}
+
+    a, b = group([1.0, 1.0, 0.0, 0.0]), group([1.0, 1.0, 1.0, 1.0])
+    d, lo, hi = report.accuracy_difference(a, b, ["mmlu"])
+    assert d == pytest.approx(-0.5)  # paired on the bare id, only 2 of the 4 documents would be compared
+    ids, _ = report.per_doc_scores(a, "mmlu")
+    assert len(set(ids)) == 4
