@@ -59,6 +59,7 @@ def prune_config_from_args(args):
         num_transforms=args.num_transforms, separated=args.separated, selection=args.selection,
         distance_tokens=args.distance_tokens, ridge=args.ridge, optimizer=args.optimizer, lr=args.lr,
         epochs=args.epochs, batch_tokens=args.batch_tokens, l1=args.l1, l2=args.l2, seed=args.seed,
+        max_iter=getattr(args, "max_iter", 100),
     )
 
 
@@ -142,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ls: closed-form least squares (Eq. 6); cosine: Eq. 8 with Adam; cosine-exact: Eq. 7; mse: MSE with Adam; uidl: delete only (baseline)")
     g.add_argument("--structure", choices=("full", "diagonal", "orthonormal"), default="full", help="shape of T (default full)")
     g.add_argument("--ridge", type=float, default=0.0, help="ridge α for LS, on the scale of un-normalised Gram sums as in the paper (default 0)")
-    g.add_argument("--optimizer", choices=("adam", "lbfgs"), default="adam", help="iterative solver (default adam)")
+    g.add_argument("--optimizer", choices=("adam", "lbfgs", "cg", "trust-ncg"), default="adam",
+                   help="iterative solver: adam / lbfgs on mini-batches, cg / trust-ncg (SciPy) on the full batch (default adam)")
+    g.add_argument("--max-iter", type=int, default=100, help="cg / trust-ncg iterations (default 100)")
     g.add_argument("--lr", type=float, default=1e-4, help="learning rate of the iterative solver (default 1e-4, paper Table 14)")
     g.add_argument("--epochs", type=int, default=10, help="epochs of the iterative solver (default 10)")
     g.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimiser step (default 1024)")

@@ -115,3 +115,13 @@ def test_precomputed_calibration_gives_the_same_model():
     assert "selection_pass_s" not in reused.record["timings"] and "capture_pass_s" not in reused.record["timings"]
     for a, b in zip(reused.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_cli_options_reach_the_solver_config():
+    """--optimizer cg --max-iter reach PruneConfig and its IterativeConfig."""
+    args = cli.build_parser().parse_args(["prune", "m", "--calib", "wiki", "--num-blocks", "2", "--out", "o", "--method", "cosine",
+                   "--optimizer", "cg", "--max-iter", "7"])
+    cfg = cli.prune_config_from_args(args)
+    assert (cfg.optimizer, cfg.max_iter) == ("cg", 7)
+    it = cfg.iterative()
+    assert (it.optimizer, it.max_iter) == ("cg", 7)
