@@ -70,6 +70,40 @@ def _save(obj, path: Path) -> None:
         raise
 
 
+def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterable[Run] = (), distances: bool = True,
+                      progress: bool = True) -> Calibration:
+    """Distances and LS sums of `runs` read from `stats_dir`; whatever is missing comes from ONE capture pass and is
+    stored there (`Calibration.seconds` > 0 tells that a pass ran). `stats_dir` must be keyed by model and batches."""
+    runs = list(dict.fromkeys(runs))
+    dist_path = stats_dir / "distances.pt"
+    out = Calibration()
+    if distances and dist_path.exists():
+        out.distances = DistanceStats.from_state_dict(torch.load(dist_path))
+    missing = []
+    for run in runs:
+        path = stats_dir / f"ls-{run.start}-{run.n}.pt"
+        if path.exists():
+            state = torch.load(path)
+            st = LSStats(state["MtM"].shape[0])
+            st.MtM, st.MtR, st.RtR, st.tokens = state["MtM"], state["MtR"], state["RtR"], state["tokens"]
+            out.ls[run] = st
+        else:
+            missing.append(run)
+    need_dist = distances and out.distances is None
+    if missing or need_dist:
+        new = calibrate(model, batches, distances=need_dist, ls_runs=missing, progress=progress,
+                        desc=f"capture ({'distances, ' if need_dist else ''}{len(missing)} LS runs)")
+        if need_dist:
+            out.distances = new.distances
+            _save(new.distances.state_dict(), dist_path)
+        for run, st in new.ls.items():
+            out.ls[run] = st
+            _save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens},
+                  stats_dir / f"ls-{run.start}-{run.n}.pt")
+        out.seconds = new.seconds
+    return out
+
+
 @dataclass
 class Variant:
     """A named model of an experiment: its weights (in memory) and how it was made."""
@@ -127,37 +161,9 @@ class Workbench:
         return twin
 
     # --- statistics, cached by content ----------------------------------------------------------
-    def _ls_path(self, run: Run) -> Path:
-        return self.stats_dir / f"ls-{run.start}-{run.n}.pt"
-
     def stats(self, runs: Iterable[Run] = (), distances: bool = True) -> Calibration:
         """Distances and LS sums for `runs`, from the cache where present, else from ONE new capture pass."""
-        runs = list(dict.fromkeys(runs))
-        dist_path = self.stats_dir / "distances.pt"
-        out = Calibration()
-        if distances and dist_path.exists():
-            out.distances = DistanceStats.from_state_dict(torch.load(dist_path))
-        missing = []
-        for run in runs:
-            path = self._ls_path(run)
-            if path.exists():
-                state = torch.load(path)
-                st = LSStats(state["MtM"].shape[0])
-                st.MtM, st.MtR, st.RtR, st.tokens = state["MtM"], state["MtR"], state["RtR"], state["tokens"]
-                out.ls[run] = st
-            else:
-                missing.append(run)
-        need_dist = distances and out.distances is None
-        if missing or need_dist:
-            new = calibrate(self.model, self.batches, distances=need_dist, ls_runs=missing, progress=self.progress,
-                            desc=f"capture ({'distances, ' if need_dist else ''}{len(missing)} LS runs)")
-            if need_dist:
-                out.distances = new.distances
-                _save(new.distances.state_dict(), dist_path)
-            for run, st in new.ls.items():
-                out.ls[run] = st
-                _save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens}, self._ls_path(run))
-            out.seconds = new.seconds
+        out = cached_statistics(self.model, self.batches, self.stats_dir, runs, distances, self.progress)
         out.tokens = sum(int(b["attention_mask"].sum()) for b in self.batches)
         return out
 

@@ -324,37 +324,11 @@ class VisionBench:
     # --- statistics, cached by content ----------------------------------------------------------
     def stats(self, runs=(), distances: bool = True):
         """Distances and LS sums for `runs`, from the cache where present, else from ONE capture pass."""
-        from .prune import Calibration, calibrate
-        from .stats import DistanceStats, LSStats
+        from .experiment import cached_statistics
 
-        runs = list(dict.fromkeys(runs))
-        dist_path = self.stats_dir / "distances.pt"
-        out = Calibration()
-        if distances and dist_path.exists():
-            out.distances = DistanceStats.from_state_dict(torch.load(dist_path))
-        missing = []
-        for run in runs:
-            path = self.stats_dir / f"ls-{run.start}-{run.n}.pt"
-            if path.exists():
-                state = torch.load(path)
-                st = LSStats(state["MtM"].shape[0])
-                st.MtM, st.MtR, st.RtR, st.tokens = state["MtM"], state["MtR"], state["RtR"], state["tokens"]
-                out.ls[run] = st
-            else:
-                missing.append(run)
-        need_dist = distances and out.distances is None
-        if missing or need_dist:
-            new = calibrate(self.model, self.batches, distances=need_dist, ls_runs=missing, progress=self.progress,
-                            desc=f"capture ({'distances, ' if need_dist else ''}{len(missing)} LS runs)")
+        out = cached_statistics(self.model, self.batches, self.stats_dir, runs, distances, self.progress)
+        if out.seconds:
             self.forward_images += len(self.images["calibration"])
-            if need_dist:
-                out.distances = new.distances
-                _save(new.distances.state_dict(), dist_path)
-            for run, st in new.ls.items():
-                out.ls[run] = st
-                _save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens},
-                      self.stats_dir / f"ls-{run.start}-{run.n}.pt")
-            out.seconds = new.seconds
         out.tokens = self.tokens
         return out
 
