@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -21,7 +19,7 @@ import torch
 import yaml
 
 from .arch import get_adapter
-from .cache import cache_dir, hash_bytes, stable_json
+from .cache import atomic_torch_save, cache_dir, hash_bytes, stable_json
 from .merge import Replacement, apply_replacements
 from .prune import Calibration, PruneConfig, PruneResult, calibrate, prune, select_runs
 from .select import Run
@@ -59,17 +57,6 @@ def _close_all(stores: dict) -> None:
         calibration.close()
 
 
-def _save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterable[Run] = (), distances: bool = True,
                       progress: bool = True) -> Calibration:
     """Distances and LS sums of `runs` read from `stats_dir`; whatever is missing comes from ONE capture pass and is
@@ -95,10 +82,10 @@ def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterabl
                         desc=f"capture ({'distances, ' if need_dist else ''}{len(missing)} LS runs)")
         if need_dist:
             out.distances = new.distances
-            _save(new.distances.state_dict(), dist_path)
+            atomic_torch_save(new.distances.state_dict(), dist_path)
         for run, st in new.ls.items():
             out.ls[run] = st
-            _save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens},
+            atomic_torch_save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens},
                   stats_dir / f"ls-{run.start}-{run.n}.pt")
         out.seconds = new.seconds
     return out
@@ -202,7 +189,7 @@ class Workbench:
         if cfg.method in ITERATIVE_METHODS:
             precomputed.stores = self.activation_stores(self.chosen_runs(cfg))
         result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
-        _save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)
+        atomic_torch_save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)
         return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record, result.replacements)
 
     def activation_stores(self, runs: list[Run]) -> dict:
@@ -226,7 +213,7 @@ class Workbench:
         else:
             iterative = cfg.iterative() if method in ITERATIVE_METHODS else None
             replacements = fit_separate(self.model, self.batches, runs, method, iterative=iterative, ridge=cfg.ridge, progress=self.progress)
-            _save({"replacements": [(r.run.start, r.run.n, r.T) for r in replacements]}, cached)
+            atomic_torch_save({"replacements": [(r.run.start, r.run.n, r.T) for r in replacements]}, cached)
         model = apply_separate(copy.deepcopy(self.model), replacements)
         record = {"method": method, "variant": "separate LT (not fused; in memory only)", "config": asdict(cfg),
                   "removed_blocks": sorted(b for r in replacements for b in r.run.removed),

@@ -325,7 +325,7 @@ def heal_cached(model: nn.Module, tokenizer, texts: Sequence[str], config: HealC
     the cost measured when it was trained (result.cached is True). The model is changed in place either way."""
     from .cost import measure
     from .evaluate import hash_state_dict
-    from .experiment import _save
+    from .cache import atomic_torch_save
 
     cfg = HealConfig.from_dict(config) if isinstance(config, dict) else config
     cfg.validate()
@@ -349,5 +349,5 @@ def heal_cached(model: nn.Module, tokenizer, texts: Sequence[str], config: HealC
     payload = result.payload if cfg.mode != "full" else {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     info = {k: getattr(result, k) for k in ("mode", "losses", "seconds", "steps", "tokens", "trainable_params", "passes", "cost")}
     if use_cache:
-        _save({"payload": payload, "info": info, "config": asdict(cfg)}, path)
+        atomic_torch_save({"payload": payload, "info": info, "config": asdict(cfg)}, path)
     return result

@@ -17,8 +17,6 @@ full labelled image set is Debian's Fashion-MNIST (`assets.IMAGE_DATASETS`); see
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cache import cache_dir, hash_bytes
+from .cache import atomic_torch_save, cache_dir, hash_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -232,17 +230,6 @@ def _tensor_hash(*arrays) -> str:
     return hash_bytes(*chunks)
 
 
-def _save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def check_vision_profile(section: dict, profile_name: str = "?") -> None:
     """Raise a clear, actionable error when a profile's vision section cannot run offline."""
     data = section.get("data")
@@ -375,7 +362,7 @@ class VisionBench:
         feats = encode(model, pixel_batches(self.images[split], self.image_size, self.batch_size),
                        progress=self.progress, desc=f"features ({split})")
         self.forward_images += len(self.images[split])
-        _save(feats, path)
+        atomic_torch_save(feats, path)
         return feats
 
     def describe(self) -> str:
