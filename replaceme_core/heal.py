@@ -324,15 +324,15 @@ def heal_cached(model: nn.Module, tokenizer, texts: Sequence[str], config: HealC
     """`heal` under `cost.measure`, cached on disk by content; a cache hit re-applies the stored result and returns
     the cost measured when it was trained (result.cached is True). The model is changed in place either way."""
     from .cost import measure
-    from .evaluate import hash_state_dict
     from .cache import atomic_torch_save
+    from .evaluate import hash_state_dict, hash_tokenizer
 
     cfg = HealConfig.from_dict(config) if isinstance(config, dict) else config
     cfg.validate()
     texts = list(texts)
     key = hash_bytes(stable_json({
         "v": CACHE_VERSION, "weights": hash_state_dict(model), "texts": hash_bytes(stable_json(texts)),
-        "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)], "config": asdict(cfg),
+        "tokenizer": hash_tokenizer(tokenizer), "config": asdict(cfg),  # by content, never by path
         "blocks": [int(b) for b in blocks] if blocks else None,
     }))[:24]
     path = cache_dir("heal") / f"heal-{cfg.mode}-{key}.pt"

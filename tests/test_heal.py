@@ -138,7 +138,9 @@ def test_heal_cached_pays_once(tiny, tmp_path, monkeypatch):
     first = heal_cached(copy.deepcopy(base), tok, texts, cfg, blocks=[2], progress=False)
     assert not first.cached and first.cost["energy_kwh"] >= 0 and "cpu:" in first.cost["energy_mode"]
     assert list((tmp_path / "heal").glob("heal-lt-*.pt"))
-    second = heal_cached(copy.deepcopy(base), tok, texts, cfg, blocks=[2], progress=False)
+    moved = copy.deepcopy(tok)
+    moved.name_or_path = "/somewhere/else/tokenizer"  # the key is by content: another cache location still hits
+    second = heal_cached(copy.deepcopy(base), moved, texts, cfg, blocks=[2], progress=False)
     assert second.cached and second.cost == first.cost and second.losses == first.losses
     for p, q in zip(first.model.parameters(), second.model.parameters()):
         assert torch.equal(p, q)
