@@ -279,3 +279,17 @@ def reference_logits(model, family, batch, runs_and_T):
 
 def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def ls_problem(n=400, d=8, seed=0, noise=0.1, chunk=64):
+    """A least-squares problem with a known map: (M, R = M·T_true + noise, streamed LSStats, T_true), float64."""
+    from replaceme_core.stats import LSStats
+
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, d, dtype=torch.float64)
+    T_true = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    R = M @ T_true + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
+    stats = LSStats(d)
+    for s in range(0, n, chunk):
+        stats.update(M[s:s + chunk], R[s:s + chunk])
+    return M, R, stats, T_true

@@ -10,16 +10,11 @@ from replaceme_core.solve import (
 )
 from replaceme_core.stats import ActivationStore, LSStats
 
+from conftest import ls_problem
+
 
 def problem(n=400, d=8, seed=0, noise=0.1):
-    g = torch.Generator().manual_seed(seed)
-    M = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, d, dtype=torch.float64)
-    T_true = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
-    R = M @ T_true + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
-    stats = LSStats(d)
-    for s in range(0, n, 64):
-        stats.update(M[s:s + 64], R[s:s + 64])
-    return M, R, stats
+    return ls_problem(n, d, seed, noise)[:3]
 
 
 def rel(a, b):

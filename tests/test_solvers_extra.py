@@ -8,17 +8,13 @@ import torch.nn.functional as F
 
 from replaceme_core.prune import PruneConfig
 from replaceme_core.solve import IterativeConfig, data_loss, full_batch_rows, penalty, solve_iterative, solve_ls
-from replaceme_core.stats import ActivationStore, LSStats
+from replaceme_core.stats import ActivationStore
+
+from conftest import ls_problem
 
 
 def problem(n=300, d=6, seed=0, noise=0.1):
-    g = torch.Generator().manual_seed(seed)
-    M = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, d, dtype=torch.float64)
-    T_true = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
-    R = M @ T_true + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
-    stats = LSStats(d)
-    stats.update(M, R)
-    return M, R, stats, T_true
+    return ls_problem(n, d, seed, noise, chunk=n)
 
 
 def make_store(tmp_path, chunk_rows=64, **cols):
