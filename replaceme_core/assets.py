@@ -577,11 +577,16 @@ def convert_model(name: str, out_dir: Path, progress: bool = False) -> dict[str,
 def model_path(name: str, progress: bool = False) -> Path:
     """Directory of the packaged model as a plain float32 `transformers` checkpoint (converted once)."""
     _model_spec(name)
+    return _converted(name, convert_model, progress)
+
+
+def _converted(name: str, convert, progress: bool) -> Path:
+    """cache/models/NAME, written once by `convert(name, tmp_dir, progress)` (all or nothing; SOURCE.json marks it done)."""
     target = cache_dir("models") / name
     if (target / "SOURCE.json").exists():
         return target
     with atomic_dir(target, overwrite=True) as tmp:
-        convert_model(name, tmp, progress)
+        convert(name, tmp, progress)
     return target
 
 
@@ -970,12 +975,7 @@ def vision_model_path(name: str, progress: bool = False) -> Path:
     """Directory of a packaged vision encoder as a float32 `transformers` checkpoint (converted once)."""
     if name not in VISION_MODELS:
         raise AssetError(f"unknown packaged vision model {name!r}; known: {', '.join(VISION_MODELS)}")
-    target = cache_dir("models") / name
-    if (target / "SOURCE.json").exists():
-        return target
-    with atomic_dir(target, overwrite=True) as tmp:
-        convert_vision_model(name, tmp, progress)
-    return target
+    return _converted(name, convert_vision_model, progress)
 
 
 def _dataset_dir(name: str) -> Path:
