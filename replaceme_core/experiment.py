@@ -57,6 +57,14 @@ def _close_all(stores: dict) -> None:
         calibration.close()
 
 
+def _ls_path(stats_dir: Path, run: Run) -> Path:
+    return stats_dir / f"ls-{run.start}-{run.n}.pt"
+
+
+def _save_ls(stats_dir: Path, run: Run, st: LSStats) -> None:
+    atomic_torch_save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens}, _ls_path(stats_dir, run))
+
+
 def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterable[Run] = (), distances: bool = True,
                       progress: bool = True) -> Calibration:
     """Distances and LS sums of `runs` read from `stats_dir`; whatever is missing comes from ONE capture pass and is
@@ -68,7 +76,7 @@ def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterabl
         out.distances = DistanceStats.from_state_dict(torch.load(dist_path))
     missing = []
     for run in runs:
-        path = stats_dir / f"ls-{run.start}-{run.n}.pt"
+        path = _ls_path(stats_dir, run)
         if path.exists():
             state = torch.load(path)
             st = LSStats(state["MtM"].shape[0])
@@ -85,8 +93,7 @@ def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterabl
             atomic_torch_save(new.distances.state_dict(), dist_path)
         for run, st in new.ls.items():
             out.ls[run] = st
-            atomic_torch_save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens},
-                  stats_dir / f"ls-{run.start}-{run.n}.pt")
+            _save_ls(stats_dir, run, st)
         out.seconds = new.seconds
     return out
 
@@ -193,11 +200,18 @@ class Workbench:
         return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record, result.replacements)
 
     def activation_stores(self, runs: list[Run]) -> dict:
-        """On-disk activations (M, R, Y) of `runs`, captured once per workbench and shared by every iterative variant."""
+        """On-disk activations (M, R, Y) of `runs`, captured once per workbench and shared by every iterative variant.
+
+        The same pass adds the LS sums of these runs to the statistics cache when they are not there yet, so an
+        LS variant made after an iterative one on the same data needs no pass of its own."""
         key = tuple(runs)
         if key not in self._stores:
-            self._stores[key] = calibrate(self.model, self.batches, store_runs=runs, store_columns=("M", "R", "Y"),
-                                          progress=self.progress, desc=f"capture activations ({len(runs)} runs)")
+            missing_ls = [run for run in runs if not _ls_path(self.stats_dir, run).exists()]
+            captured = calibrate(self.model, self.batches, ls_runs=missing_ls, store_runs=runs, store_columns=("M", "R", "Y"),
+                                 progress=self.progress, desc=f"capture activations ({len(runs)} runs)")
+            for run, st in captured.ls.items():
+                _save_ls(self.stats_dir, run, st)
+            self._stores[key] = captured
         return dict(self._stores[key].stores)
 
     def prune_separate(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:

