@@ -23,7 +23,7 @@ from .cache import atomic_torch_save, cache_dir, hash_bytes, stable_json
 from .merge import Replacement, apply_replacements
 from .prune import Calibration, PruneConfig, PruneResult, calibrate, prune, select_runs
 from .select import Run
-from .stats import DistanceStats, LSStats
+from .stats import ActivationStore, DistanceStats, LSStats
 
 
 def load_profile(name_or_path: str) -> dict:
@@ -129,6 +129,7 @@ class Workbench:
         self.num_layers = get_adapter(self.model).num_layers
         self._stores: dict[tuple[Run, ...], Calibration] = {}
         weakref.finalize(self, _close_all, self._stores)
+        self.persist_stores = bool(p.get("persist_activation_stores", True))
         self.setup_seconds = time.perf_counter() - t0
 
     # --- other calibration data on the same model ------------------------------------------------
@@ -200,19 +201,31 @@ class Workbench:
         return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record, result.replacements)
 
     def activation_stores(self, runs: list[Run]) -> dict:
-        """On-disk activations (M, R, Y) of `runs`, captured once per workbench and shared by every iterative variant.
+        """On-disk activations (M, R, Y) of `runs`, shared by every iterative variant: one capture per (model, data, run).
 
-        The same pass adds the LS sums of these runs to the statistics cache when they are not there yet, so an
+        With `persist_stores` (the profile's `persist_activation_stores`, default on) the rows are kept in the statistics
+        cache (float32, tokens × 3d × 4 bytes per run), so later notebooks and re-runs read them instead of capturing
+        again. The same pass adds the LS sums of these runs to the statistics cache when they are not there yet, so an
         LS variant made after an iterative one on the same data needs no pass of its own."""
         key = tuple(runs)
         if key not in self._stores:
-            missing_ls = [run for run in runs if not _ls_path(self.stats_dir, run).exists()]
-            captured = calibrate(self.model, self.batches, ls_runs=missing_ls, store_runs=runs, store_columns=("M", "R", "Y"),
-                                 progress=self.progress, desc=f"capture activations ({len(runs)} runs)")
-            for run, st in captured.ls.items():
-                _save_ls(self.stats_dir, run, st)
-            self._stores[key] = captured
+            kept = {run: ActivationStore.open_persisted(self._store_path(run)) for run in runs}
+            if all(kept.values()):
+                self._stores[key] = Calibration(stores=kept)
+            else:
+                missing_ls = [run for run in runs if not _ls_path(self.stats_dir, run).exists()]
+                captured = calibrate(self.model, self.batches, ls_runs=missing_ls, store_runs=runs, store_columns=("M", "R", "Y"),
+                                     progress=self.progress, desc=f"capture activations ({len(runs)} runs)")
+                for run, st in captured.ls.items():
+                    _save_ls(self.stats_dir, run, st)
+                if self.persist_stores:
+                    for run, store in captured.stores.items():
+                        store.persist(self._store_path(run))
+                self._stores[key] = captured
         return dict(self._stores[key].stores)
+
+    def _store_path(self, run: Run) -> Path:
+        return self.stats_dir / f"store-{run.start}-{run.n}"
 
     def prune_separate(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:
         """Like `prune`, but T maps the kept block's whole output (Table 10; `separate.py`): in memory only."""

@@ -10,6 +10,7 @@ data-parallel calibration combines shards.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -165,10 +166,46 @@ class ActivationStore:
     def __init__(self, columns: tuple[str, ...], d: int, directory: str | os.PathLike | None = None, chunk_rows: int = 32768):
         self.columns, self.d, self.chunk_rows = tuple(columns), d, chunk_rows
         self.width = d * len(self.columns)
-        self._dir = Path(tempfile.mkdtemp(prefix="replaceme-store-", dir=directory))
+        self._dir: Path | None = Path(tempfile.mkdtemp(prefix="replaceme-store-", dir=directory))  # None: a kept cache entry
         self.path = self._dir / "rows.f32"
         self._file = open(self.path, "wb")
         self.rows = 0
+
+    # --- a finished store kept as a cache entry (rows.f32 + meta.json; meta.json is written last) ------------
+    def persist(self, directory: str | os.PathLike) -> "ActivationStore":
+        """Move the finished rows into `directory` and keep them there after `close()` (a cache entry).
+
+        The rows are renamed into place before `meta.json` is written, so a directory without `meta.json` is an
+        interrupted write that `open_persisted` ignores (and the next `persist` replaces)."""
+        self.finish()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".rows.{os.getpid()}.tmp"
+        shutil.move(str(self.path), tmp)
+        os.replace(tmp, directory / "rows.f32")
+        meta = {"columns": list(self.columns), "d": self.d, "rows": self.rows, "chunk_rows": self.chunk_rows}
+        tmp_meta = directory / f".meta.{os.getpid()}.tmp"
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, directory / "meta.json")
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir, self.path = None, directory / "rows.f32"
+        return self
+
+    @classmethod
+    def open_persisted(cls, directory: str | os.PathLike) -> "ActivationStore | None":
+        """A store that `persist` wrote into `directory`, read-only; None if there is none (or it is incomplete)."""
+        directory = Path(directory)
+        meta_path, rows_path = directory / "meta.json", directory / "rows.f32"
+        if not (meta_path.is_file() and rows_path.is_file()):
+            return None
+        meta = json.loads(meta_path.read_text())
+        width = meta["d"] * len(meta["columns"])
+        if rows_path.stat().st_size != meta["rows"] * width * 4:
+            return None
+        store = cls.__new__(cls)
+        store.columns, store.d, store.chunk_rows = tuple(meta["columns"]), int(meta["d"]), int(meta["chunk_rows"])
+        store.width, store.rows, store.path, store._dir, store._file = width, int(meta["rows"]), rows_path, None, None
+        return store
 
     def append(self, **tensors: torch.Tensor) -> None:
         if set(tensors) != set(self.columns):
@@ -178,8 +215,9 @@ class ActivationStore:
         self.rows += block.shape[0]
 
     def finish(self) -> "ActivationStore":
-        self._file.flush()
-        self._file.close()
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+            self._file.close()
         return self
 
     def batches(self, batch_rows: int, generator: torch.Generator, device="cpu") -> Iterator[dict[str, torch.Tensor]]:
@@ -203,9 +241,11 @@ class ActivationStore:
         return {col: data[:, j * self.d : (j + 1) * self.d] for j, col in enumerate(self.columns)}
 
     def close(self) -> None:
-        if not self._file.closed:
+        """Delete a temporary store; a persisted one (a cache entry) stays on disk."""
+        if self._file is not None and not self._file.closed:
             self._file.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "ActivationStore":
         return self

@@ -329,3 +329,37 @@ def test_rows_without_real_tokens_are_ignored():
     assert b.distances.counts["last"] == a.distances.counts["last"] == 12
     for tokens in ("all", "last"):
         assert torch.allclose(a.distances.matrix("angular", tokens), b.distances.matrix("angular", tokens), atol=1e-6)
+
+
+def test_persisted_store_round_trip_and_survives_close(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    M, R = torch.randn(37, 4, generator=g), torch.randn(37, 4, generator=g)
+    store = ActivationStore(("M", "R"), 4, directory=tmp_path, chunk_rows=16)
+    store.append(M=M[:20], R=R[:20])
+    store.append(M=M[20:], R=R[20:])
+    temp_dir = store.path.parent
+    store.persist(tmp_path / "kept")
+    assert not temp_dir.exists() and store.path == tmp_path / "kept" / "rows.f32"
+    store.close()
+    assert store.path.exists()  # a cache entry outlives close()
+    again = ActivationStore.open_persisted(tmp_path / "kept")
+    rows = again.all_rows()
+    assert again.rows == 37 and torch.equal(rows["M"], M) and torch.equal(rows["R"], R)
+    seen = torch.cat([b["M"] for b in again.batches(8, torch.Generator().manual_seed(1))])
+    assert seen.shape == M.shape and torch.allclose(seen.sum(0), M.sum(0), atol=1e-5)
+    again.close()
+    assert again.path.exists()
+
+
+def test_incomplete_persisted_store_is_ignored(tmp_path):
+    assert ActivationStore.open_persisted(tmp_path / "nothing") is None
+    store = ActivationStore(("M",), 2, directory=tmp_path)
+    store.append(M=torch.ones(5, 2))
+    store.persist(tmp_path / "kept")
+    meta = (tmp_path / "kept" / "meta.json").read_text()
+    (tmp_path / "kept" / "meta.json").unlink()  # interrupted before the commit marker
+    assert ActivationStore.open_persisted(tmp_path / "kept") is None
+    with open(tmp_path / "kept" / "rows.f32", "ab") as f:
+        f.write(b"\0" * 4)
+    (tmp_path / "kept" / "meta.json").write_text(meta)
+    assert ActivationStore.open_persisted(tmp_path / "kept") is None  # size does not match the rows: not trusted

@@ -162,3 +162,23 @@ def test_store_pass_also_caches_the_ls_sums(bench, monkeypatch):
                 mlp_outputs=[run.kept], progress=False)
     T = torch.linalg.lstsq(torch.cat(Ms), torch.cat(Rs)).solution
     assert torch.allclose(ls.replacements[0].T.double(), T, atol=1e-6, rtol=1e-5)
+
+
+def test_activation_store_is_kept_for_the_next_workbench(bench, monkeypatch):
+    """One capture per (model, data, run): a second Workbench on the same cache reads the kept rows, which are exactly
+    the rows a fresh capture produces."""
+    run = bench.chosen_runs(bench.config("ls"))[0]
+    first = bench.prune("cosine", seed=3)
+    again = experiment.Workbench(bench.profile, progress=False)
+    calls = []
+    real = experiment.calibrate
+    monkeypatch.setattr(experiment, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    kept = again.activation_stores([run])[run]
+    second = again.prune("cosine", seed=4)  # a new fit on the kept rows
+    assert calls == [] and second.record["removed_blocks"] == first.record["removed_blocks"]
+    fresh = real(again.model, again.batches, store_runs=[run], store_columns=("M", "R", "Y"), progress=False)
+    try:
+        a, b = kept.all_rows(), fresh.stores[run].all_rows()
+        assert all(torch.equal(a[c], b[c]) for c in ("M", "R", "Y"))
+    finally:
+        fresh.close()
