@@ -65,6 +65,27 @@ def _save_ls(stats_dir: Path, run: Run, st: LSStats) -> None:
     atomic_torch_save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens}, _ls_path(stats_dir, run))
 
 
+# PruneConfig fields that only decide *which* blocks go; once the runs are known they do not change the fit
+_SELECTION_FIELDS = ("start", "num_transforms", "separated", "selection", "distance_tokens", "one_pass_budget_gb")
+
+
+def _fit_key(cfg: PruneConfig, runs: list[Run]) -> str:
+    """Cache key of a fitted transform: the runs removed and the fit settings, not how the runs were chosen, so an
+    explicit start and a selection rule that picks the same run share one fit."""
+    fit = {k: v for k, v in asdict(cfg).items() if k not in _SELECTION_FIELDS}
+    return hash_bytes(stable_json({**fit, "runs": [(r.start, r.n) for r in runs]}))[:16]
+
+
+def _load_ls(stats_dir: Path, run: Run) -> LSStats | None:
+    path = _ls_path(stats_dir, run)
+    if not path.exists():
+        return None
+    state = torch.load(path)
+    st = LSStats(state["MtM"].shape[0])
+    st.MtM, st.MtR, st.RtR, st.tokens = state["MtM"], state["MtR"], state["RtR"], state["tokens"]
+    return st
+
+
 def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterable[Run] = (), distances: bool = True,
                       progress: bool = True) -> Calibration:
     """Distances and LS sums of `runs` read from `stats_dir`; whatever is missing comes from ONE capture pass and is
@@ -76,11 +97,8 @@ def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterabl
         out.distances = DistanceStats.from_state_dict(torch.load(dist_path))
     missing = []
     for run in runs:
-        path = _ls_path(stats_dir, run)
-        if path.exists():
-            state = torch.load(path)
-            st = LSStats(state["MtM"].shape[0])
-            st.MtM, st.MtR, st.RtR, st.tokens = state["MtM"], state["MtR"], state["RtR"], state["tokens"]
+        st = _load_ls(stats_dir, run)
+        if st is not None:
             out.ls[run] = st
         else:
             missing.append(run)
@@ -181,21 +199,22 @@ class Workbench:
     def prune(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:
         """A pruned copy of the base model.
 
-        LS and UIDL reuse the cached statistics; iterative methods capture their activations once and cache the
-        fitted transforms (keyed by the statistics key and the full config), so a re-run applies them directly.
+        LS and UIDL reuse the cached statistics; iterative methods read the kept activation stores. Fitted transforms
+        are cached (by the statistics key, the runs removed and the fit settings), so a re-run applies them directly.
         """
         cfg = self.config(method, num_blocks, **overrides)
+        cfg.validate(self.num_layers)
+        runs = self.chosen_runs(cfg)
         model = copy.deepcopy(self.model)
-        cached = self.stats_dir / f"transforms-{hash_bytes(stable_json(asdict(cfg)))[:16]}.pt"
+        cached = self.stats_dir / f"transforms-{_fit_key(cfg, runs)}.pt"
         if cached.exists():
             state = torch.load(cached)
             replacements = [Replacement(Run(s, n), T) for s, n, T in state["replacements"]]
             apply_replacements(get_adapter(model), replacements)
             return Variant(name or f"{method} n={cfg.num_blocks}", model, json.loads(state["record"]), replacements)
-        runs = self.chosen_runs(cfg) if cfg.method == "ls" else []
-        precomputed = self.stats(runs, distances=cfg.start is None)
+        precomputed = self.stats(runs if cfg.method == "ls" else [], distances=cfg.start is None)
         if cfg.method in ITERATIVE_METHODS:
-            precomputed.stores = self.activation_stores(self.chosen_runs(cfg))
+            precomputed.stores = self.activation_stores(runs)
         result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
         atomic_torch_save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)
         return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record, result.replacements)
@@ -234,7 +253,7 @@ class Workbench:
         cfg = self.config(method, num_blocks, **overrides)
         cfg.validate(self.num_layers)
         runs = self.chosen_runs(cfg)
-        cached = self.stats_dir / f"separate-{hash_bytes(stable_json(asdict(cfg)))[:16]}.pt"
+        cached = self.stats_dir / f"separate-{_fit_key(cfg, runs)}.pt"
         if cached.exists():
             replacements = [Replacement(Run(s, n), T) for s, n, T in torch.load(cached)["replacements"]]
         else:

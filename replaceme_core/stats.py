@@ -21,6 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .cache import atomic_write_text
+
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
@@ -184,9 +186,7 @@ class ActivationStore:
         shutil.move(str(self.path), tmp)
         os.replace(tmp, directory / "rows.f32")
         meta = {"columns": list(self.columns), "d": self.d, "rows": self.rows, "chunk_rows": self.chunk_rows}
-        tmp_meta = directory / f".meta.{os.getpid()}.tmp"
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, directory / "meta.json")
+        atomic_write_text(directory / "meta.json", json.dumps(meta))
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir, self.path = None, directory / "rows.f32"
         return self

@@ -182,3 +182,16 @@ def test_activation_store_is_kept_for_the_next_workbench(bench, monkeypatch):
         assert all(torch.equal(a[c], b[c]) for c in ("M", "R", "Y"))
     finally:
         fresh.close()
+
+
+def test_fit_cache_is_keyed_by_the_runs_not_how_they_were_chosen(bench, monkeypatch):
+    """The selection rule and an explicit start that name the same run share one fitted transform."""
+    run = bench.chosen_runs(bench.config("ls"))[0]
+    chosen = bench.prune("cosine", seed=2)
+    fits = []
+    real = experiment.prune
+    monkeypatch.setattr(experiment, "prune", lambda *a, **k: fits.append(1) or real(*a, **k))
+    explicit = bench.prune("cosine", seed=2, start=run.start)
+    assert fits == [] and torch.equal(explicit.replacements[0].T, chosen.replacements[0].T)
+    bench.prune("cosine", seed=2, start=run.start + 1)  # another run: a new fit
+    assert fits == [1]
