@@ -42,10 +42,10 @@ test-unit: setup
 
 # Every notebook on the smoke profile, into a scratch figures folder (figures/ keeps the real results).
 test-notebooks: setup
-	$(BIN)/python -m replaceme_core.paper --profile smoke --figures build/smoke-figures --build build
+	$(BIN)/python -m replaceme_core.experiments.paper --profile smoke --figures build/smoke-figures --build build
 
 paper: setup
-	$(BIN)/python -m replaceme_core.paper --profile $(PROFILE) --figures figures --build build
+	$(BIN)/python -m replaceme_core.experiments.paper --profile $(PROFILE) --figures figures --build build
 
 tutorial: setup
 	$(BIN)/python -m pip install --quiet jupyterlab

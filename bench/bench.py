@@ -62,13 +62,13 @@ def positions(mask):
 
 # ------------------------------------------------------------------------------------------------ data/model
 def load(dtype=torch.float32):
-    from replaceme_core.models import load_model
+    from replaceme_core.io.models import load_model
 
     return load_model(MODEL, dtype=dtype, device="cpu")
 
 
 def calib_batches(tokenizer, samples: int, max_length: int, batch_size: int = 8):
-    from replaceme_core.data import load_texts, token_batches
+    from replaceme_core.io.data import load_texts, token_batches
 
     texts = load_texts("wiki", tokenizer, samples, seed=0)
     return list(token_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length))
@@ -254,7 +254,7 @@ def generate_speed(model, ids: torch.Tensor, new_tokens: int, reps: int = 3) -> 
 
 def bench_speed(model, pruned, tokenizer, workdir: Path, quick: bool) -> dict:
     """5: prefill / decode tokens/s and peak RSS, pruned vs original, against the ideal L/(L−n)."""
-    from replaceme_core.data import load_texts
+    from replaceme_core.io.data import load_texts
     from replaceme_core.merge import save_checkpoint
 
     L, Lp = model.config.num_hidden_layers, pruned.config.num_hidden_layers

@@ -9,9 +9,9 @@ from pathlib import Path
 PAPER_NOTE = "The paper's settings: --samples 8000 --max-length 1024 --batch-size 8 (SlimOrca)."
 
 
-def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+def _add_calibration_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("calibration data")
-    g.add_argument("--calib", required=True, metavar="SOURCE",
+    g.add_argument("--calib", required=required, default=None, metavar="SOURCE",
                    help="packaged corpus (wiki, natural-instructions, squad, wiki+natural-instructions), a local .txt/.jsonl "
                         "file, or a hub dataset (Open-Orca/SlimOrca, HuggingFaceFW/fineweb, allenai/c4, wikitext, fineweb_and_orca)")
     g.add_argument("--samples", type=int, default=512, help="number of calibration samples (default 512). " + PAPER_NOTE)
@@ -33,12 +33,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .data import load_texts, token_batches
-    from .models import load_model
+    """Model, tokenizer and calibration batches; the sample count is checked before the model loads. Without
+    --calib (UIDL at an explicit start needs no data) the batches are empty."""
+    from .io.data import check_available, load_texts, token_batches
+    from .io.models import load_model
 
+    if args.calib is not None:
+        check_available(args.calib, args.samples)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     load_s = time.perf_counter() - t0
+    if args.calib is None:
+        return model, tokenizer, [], {"source": None, "samples": 0}, load_s
     texts = load_texts(args.calib, tokenizer, args.samples, seed=args.seed, chat=args.chat)
     batches = list(token_batches(texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length))
     info = {"source": args.calib, "samples": len(texts), "max_length": args.max_length, "batch_size": args.batch_size,
@@ -74,6 +80,9 @@ def _cmd_prune(args) -> int:
     if out.exists() and not args.overwrite:
         print(f"error: {out} already exists; choose another --out or pass --overwrite", file=sys.stderr)
         return 2
+    if args.calib is None and not (args.method == "uidl" and args.start is not None):
+        print("error: --calib is required (only --method uidl with --start needs no calibration data)", file=sys.stderr)
+        return 2
     config = prune_config_from_args(args)
     model, tokenizer, batches, info, load_s = _load(args)
     info["model"] = args.model
@@ -105,7 +114,7 @@ def _cmd_distances(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     header = "layer," + ",".join(str(j) for j in range(L))
     rows = [f"{i}," + ",".join(f"{float(matrix[i, j]):.6f}" for j in range(L)) for i in range(L)]
-    from .cache import atomic_write_text
+    from .io.cache import atomic_write_text
 
     atomic_write_text(out, "\n".join([header, *rows]) + "\n")
     print(f"{args.metric} distance matrix between block outputs ({args.tokens} tokens, {calib.tokens} real tokens) → {out}")
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the block before the run, delete the run and save a checkpoint that plain transformers loads, "
                                    "plus DIR/replaceme.json. Block indices are 0-based in the original model.")
     _add_model_args(p)
-    _add_calibration_args(p)
+    _add_calibration_args(p, required=False)  # required unless --method uidl with --start (checked in _cmd_prune)
     g = p.add_argument_group("what to remove")
     g.add_argument("--num-blocks", type=int, required=True, help="total number of blocks to remove")
     g.add_argument("--start", default=None, help="0-based first removed block (comma-separated, one per transform); block start-1 keeps its place and receives T. Default: chosen by --selection")
@@ -166,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CSV", help="where to write the matrix")
     p.set_defaults(func=_cmd_distances)
 
-    from . import assets, evaluate
+    from . import assets, evaluation
 
-    evaluate.register_cli(sub)
+    evaluation.register_cli(sub)
     assets.register_cli(sub)
     return parser
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .arch import Adapter, FoldError
-from .cache import atomic_dir, stable_json
+from .io.cache import atomic_dir, stable_json
 from .select import Run, merge_touching
 
 
@@ -41,10 +41,16 @@ def apply_replacements(adapter: Adapter, replacements: list[Replacement]) -> Non
     adapter.delete_blocks([b for run in runs for b in run.removed])
 
 
+#: Set on a model by separate.apply_separate: it carries un-fused transforms that a stock checkpoint cannot hold.
+SEPARATE_MARK = "_replaceme_separate_transforms"
+
+
+def has_separate_transforms(model) -> bool:
+    return bool(getattr(model, SEPARATE_MARK, False))
+
+
 def save_checkpoint(model, tokenizer, out_dir: str | Path, record: dict, overwrite: bool = False) -> Path:
     """Write safetensors + config + tokenizer + replaceme.json into `out_dir`, all or nothing."""
-    from .separate import has_separate_transforms
-
     if has_separate_transforms(model):
         raise ValueError("this model carries separate (un-fused) transforms, which a stock checkpoint cannot hold: "
                          "save a fused variant instead (prune without the separate-LT option)")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import Adapter, FoldError, get_adapter
-from .capture import Activations, CalibrationError, _input_device, run_capture
+from .capture import Activations, _input_device, run_capture
 from .merge import Replacement, apply_replacements
 from .select import Run, choose_by_block_influence, choose_runs, merge_touching, run_scores, validate_run
 from .solve import STRUCTURES, IterativeConfig, check_choice, columns_for, solve_closed_form, solve_iterative

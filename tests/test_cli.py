@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from replaceme_core import cli
-from replaceme_core.models import tiny_random_model
+from replaceme_core.io.models import tiny_random_model
 from replaceme_core.prune import Calibration, PruneConfig, calibrate, prune
 from replaceme_core.select import Run
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from replaceme_core.cost import Measurement, measure
+from replaceme_core.experiments.cost import Measurement, measure
 
 
 def _busy(seconds: float = 0.3) -> int:

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from replaceme_core import assets, data
+from replaceme_core import assets
+from replaceme_core.io import data
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import build_model, calib_batches, rel_err
 from replaceme_core import cli
 from replaceme_core.distributed import calibrate_distributed, prune_distributed, shard, world
-from replaceme_core.models import tiny_random_model
+from replaceme_core.io.models import tiny_random_model
 from replaceme_core.prune import PruneConfig, calibrate, prune
 from replaceme_core.select import Run
 

@@ -1,4 +1,4 @@
-"""replaceme_core.evaluate: local lm-eval tasks, Avg-acc, per-document scores, perplexity, result cache, CLI.
+"""replaceme_core.evaluation: local lm-eval tasks, Avg-acc, per-document scores, perplexity, result cache, CLI.
 
 Everything runs on CPU without network: a tiny random Llama, a tokenizer trained here, and
 hand-written JSONL files in the column layout of the real benchmark data (HF column names).
@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import replaceme_core
-from replaceme_core import evaluate as ev
+from replaceme_core import evaluation as ev
+from replaceme_core.evaluation import runner
+from replaceme_core.io.cache import cache_dir
 
 # --------------------------------------------------------------------------------------------
 # fixtures: data, tokenizer, model, fake assets
@@ -133,7 +135,7 @@ def env(monkeypatch, tmp_path, bench):
         monkeypatch.setattr(replaceme_core, "assets", assets, raising=False)
     monkeypatch.setattr(assets, "benchmark_files", lambda *a, **k: bench, raising=False)
     monkeypatch.setattr(assets, "resolve_model", lambda name: str(name), raising=False)
-    monkeypatch.setattr(ev, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(runner, "hub_reachable", lambda *a, **k: False)
 
 
 # tasks with packaged data in these fixtures (BIG-bench tasks: tests/test_bigbench_tasks.py; leaderboard: hub only)
@@ -202,7 +204,7 @@ def test_local_tasks_render_exactly_like_upstream(bench):
     from lm_eval.tasks import TaskManager
 
     loc = ev.render_local_tasks(bench)
-    assert loc.include_path.is_dir() and str(loc.include_path).startswith(str(ev.cache_dir("tasks")))
+    assert loc.include_path.is_dir() and str(loc.include_path).startswith(str(cache_dir("tasks")))
     assert loc.names == {**{b: f"{b}_local" for b in LOCAL if b != "mmlu"}, "mmlu": "mmlu_local"}
     tm = TaskManager(include_path=str(loc.include_path), include_defaults=False)
     loaded = tm.load([f"{b}_local" for b in LOCAL if b != "mmlu"] + ["mmlu_local"])
@@ -312,7 +314,7 @@ def test_auto_uses_hub_task_when_no_local_data(model, tok, monkeypatch, bench):
     import replaceme_core.assets as assets
 
     monkeypatch.setattr(assets, "benchmark_files", lambda *a, **k: {k: v for k, v in bench.items() if k != "piqa"})
-    monkeypatch.setattr(ev, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(runner, "hub_reachable", lambda *a, **k: True)
     seen = {}
 
     def fake(**kw):
@@ -345,7 +347,7 @@ def test_cache_hit_miss_and_invalidation(model, tok, monkeypatch):
     first = ev.evaluate(model, tok, tasks=tasks, limit=2, progress=False)
     assert len(calls) == 1 and not any(r["cached"] for r in first["tasks"].values())
     for r in first["tasks"].values():
-        assert (ev.cache_dir("eval") / f"{r['cache_key']}.json").is_file()
+        assert (cache_dir("eval") / f"{r['cache_key']}.json").is_file()
 
     # hit: lm-eval must not run at all; batch size and device are not part of the key
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: pytest.fail("cache miss"))

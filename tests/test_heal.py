@@ -1,4 +1,4 @@
-"""Healing (heal.py) on a tiny random Llama: LT-only trains only T₂ and folds it exactly; LoRA merges exactly;
+"""Healing (experiments/healing.py) on a tiny random Llama: LT-only trains only T₂ and folds it exactly; LoRA merges exactly;
 the loss is the causal-LM cross entropy and goes down; packing, caching and bad input."""
 import copy
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from replaceme_core.arch import get_adapter
-from replaceme_core.data import load_texts
-from replaceme_core.heal import (HealConfig, blocks_receiving_T, heal, heal_cached, mlp_linear_names, merge_lora,
-                                 packed_batches)
-from replaceme_core.models import tiny_random_model
+from replaceme_core.experiments.healing import (HealConfig, blocks_receiving_T, heal, heal_cached, mlp_linear_names, merge_lora,
+                                                packed_batches)
+from replaceme_core.io.data import load_texts
+from replaceme_core.io.models import tiny_random_model
 
 
 @pytest.fixture(scope="module")

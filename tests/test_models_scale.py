@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replaceme_core import evaluate as ev
+from replaceme_core import evaluation as ev
 from replaceme_core.arch import get_adapter
-from replaceme_core.experiment import load_profile
-from replaceme_core.models import load_model
+from replaceme_core.experiments.workbench import load_profile
+from replaceme_core.io.models import load_model
 
 BLOCKS = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18, "tiny-random-llama": 8, "tiny-random-gemma3": 6}
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from replaceme_core import report
+from replaceme_core.experiments import report
 
 
 def _result(acc_by_task: dict[str, list[float]], lambada_ll: list[float] | None = None) -> dict:

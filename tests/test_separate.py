@@ -6,15 +6,16 @@ import copy
 import pytest
 import torch
 
-from replaceme_core import experiment
 from replaceme_core.arch import get_adapter
 from replaceme_core.capture import collect_block_outputs
-from replaceme_core.evaluate import hash_state_dict
+from replaceme_core.evaluation.model_ref import hash_state_dict
+from replaceme_core.experiments import workbench
+from replaceme_core.io.models import tiny_random_model
 from replaceme_core.merge import Replacement, save_checkpoint
-from replaceme_core.models import tiny_random_model
+from replaceme_core.merge import has_separate_transforms
 from replaceme_core.prune import Calibration, PruneConfig, calibrate, prune
 from replaceme_core.select import Run
-from replaceme_core.separate import apply_separate, capture_separate, fit_separate, has_separate_transforms
+from replaceme_core.separate import apply_separate, capture_separate, fit_separate
 from replaceme_core.solve import IterativeConfig
 
 from conftest import calib_batches
@@ -108,11 +109,11 @@ def bench(tmp_path, monkeypatch):
     monkeypatch.setenv("REPLACEME_CACHE", str(tmp_path / "cache"))  # fresh statistics cache
     texts = tmp_path / "calib.txt"
     texts.write_text(TEXT)
-    monkeypatch.setattr("replaceme_core.models.load_model", lambda *a, **k: (model, tok))
+    monkeypatch.setattr("replaceme_core.io.models.load_model", lambda *a, **k: (model, tok))
     profile = {"name": "test", "model": "tiny-random-llama", "num_blocks": 2,
                "calibration": {"source": str(texts), "samples": 24, "max_length": 40, "batch_size": 8, "seed": 0, "chat": "never"},
                "cosine": {"epochs": 1, "lr": 1e-3, "batch_tokens": 32}}
-    return experiment.Workbench(profile, progress=False)
+    return workbench.Workbench(profile, progress=False)
 
 
 def test_with_texts_is_a_separately_cached_sibling(bench):
@@ -124,8 +125,8 @@ def test_with_texts_is_a_separately_cached_sibling(bench):
 
 def test_iterative_variants_share_one_capture(bench, monkeypatch):
     calls = []
-    real = experiment.calibrate
-    monkeypatch.setattr(experiment, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = workbench.calibrate
+    monkeypatch.setattr(workbench, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
     a = bench.prune("cosine", seed=0)
     b = bench.prune("cosine", seed=1)
     c = bench.prune("cosine-exact")
@@ -140,8 +141,8 @@ def test_store_pass_also_caches_the_ls_sums(bench, monkeypatch):
     """An LS variant made after an iterative one on the same data needs no pass, and its T is the lstsq solution."""
     run = bench.chosen_runs(bench.config("ls"))[0]
     calls = []
-    real = experiment.calibrate
-    monkeypatch.setattr(experiment, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = workbench.calibrate
+    monkeypatch.setattr(workbench, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
     bench.prune("cosine", start=run.start)
     assert [k.get("ls_runs") for k in calls] == [[run]]  # one pass: the store, with the LS sums of the same run
     ls = bench.prune("ls", start=run.start)
@@ -169,10 +170,10 @@ def test_activation_store_is_kept_for_the_next_workbench(bench, monkeypatch):
     the rows a fresh capture produces."""
     run = bench.chosen_runs(bench.config("ls"))[0]
     first = bench.prune("cosine", seed=3)
-    again = experiment.Workbench(bench.profile, progress=False)
+    again = workbench.Workbench(bench.profile, progress=False)
     calls = []
-    real = experiment.calibrate
-    monkeypatch.setattr(experiment, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = workbench.calibrate
+    monkeypatch.setattr(workbench, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
     kept = again.activation_stores([run])[run]
     second = again.prune("cosine", seed=4)  # a new fit on the kept rows
     assert calls == [] and second.record["removed_blocks"] == first.record["removed_blocks"]
@@ -189,8 +190,8 @@ def test_fit_cache_is_keyed_by_the_runs_not_how_they_were_chosen(bench, monkeypa
     run = bench.chosen_runs(bench.config("ls"))[0]
     chosen = bench.prune("cosine", seed=2)
     fits = []
-    real = experiment.prune
-    monkeypatch.setattr(experiment, "prune", lambda *a, **k: fits.append(1) or real(*a, **k))
+    real = workbench.prune
+    monkeypatch.setattr(workbench, "prune", lambda *a, **k: fits.append(1) or real(*a, **k))
     explicit = bench.prune("cosine", seed=2, start=run.start)
     assert fits == [] and torch.equal(explicit.replacements[0].T, chosen.replacements[0].T)
     bench.prune("cosine", seed=2, start=run.start + 1)  # another run: a new fit

@@ -18,14 +18,15 @@ import transformers
 
 from replaceme_core import assets
 from replaceme_core.arch import get_adapter
+from replaceme_core.assets import cli as assets_cli
 from replaceme_core.capture import run_capture
+from replaceme_core.experiments.vision_bench import (IMAGENET_MEAN, IMAGENET_STD, VisionUnavailableError, check_vision_profile, cv_correct,
+                                                     encode, fit_probe, pixel_batches, preprocess, probe_correct,
+                                                     retention_interval)
 from replaceme_core.merge import Replacement, apply_replacements
 from replaceme_core.prune import PruneConfig, calibrate, prune
 from replaceme_core.select import Run
 from replaceme_core.solve import solve_ls
-from replaceme_core.vision import (IMAGENET_MEAN, IMAGENET_STD, VisionUnavailableError, check_vision_profile, cv_correct,
-                                   encode, fit_probe, pixel_batches, preprocess, probe_correct,
-                                   retention_interval)
 
 torch.set_num_threads(1)
 
@@ -275,7 +276,7 @@ def test_retention_interval_matches_direct_ratio_and_covers_it():
 
 
 def test_paper_profile_fails_with_instructions():
-    from replaceme_core.experiment import load_profile
+    from replaceme_core.experiments.workbench import load_profile
 
     section = load_profile("paper")["vision"]
     with pytest.raises(VisionUnavailableError, match="clip-vit-large-patch14"):
@@ -307,7 +308,7 @@ def test_read_idx_roundtrip_and_errors(tmp_path):
 
 
 def _cached(name):
-    return assets._status(name)[0]
+    return assets_cli._status(name)[0]
 
 
 @pytest.mark.skipif(not _cached("fashion-mnist"), reason="fashion-mnist not fetched (replaceme assets fetch fashion-mnist)")

@@ -1,0 +1,154 @@
+"""A model given by name, path or object, and its content identity (weights, config, tokenizer) for cache keys."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..io.cache import hash_bytes, stable_json
+from ..io.models import check_hub_model
+from .local_tasks import _file_hash
+
+
+def _config_identity(cfg: Mapping[str, Any]) -> dict:
+    # bookkeeping fields that do not change what the model computes (save_pretrained adds `architectures`)
+    drop = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "name_or_path", "architectures"}
+    return {k: v for k, v in cfg.items() if k not in drop and not k.startswith("_")}
+
+
+def hash_state_dict(model) -> str:
+    """sha256 over (name, shape, dtype, bytes) of every tensor in the state dict; tied tensors hashed once."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    seen: dict[tuple, str] = {}
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        ident = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if ident in seen and t.device.type != "meta":
+            h.update(f"=alias:{seen[ident]}".encode())
+            continue
+        seen[ident] = name
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.numel():
+            h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(stable_json(_config_identity(cfg.to_dict())).encode())
+    return h.hexdigest()
+
+
+def hash_model_dir(path: str | Path) -> str | None:
+    """Hash of a checkpoint directory's weight files (by content) and config, or None if it has none."""
+    path = Path(path)
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    cfg_file = path / "config.json"
+    if not weights or not cfg_file.is_file():
+        return None
+    parts = [(p.name, _file_hash(p)) for p in weights]
+    cfg = _config_identity(json.loads(cfg_file.read_text()))
+    return hash_bytes(stable_json({"files": parts, "config": cfg}))
+
+
+def hash_tokenizer(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        # drop the transient truncation/padding state that every tokenizer call with truncation= rewrites
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        body = stable_json(spec)
+    else:
+        body = stable_json(sorted(tok.get_vocab().items()))
+    special = {k: str(v) for k, v in (getattr(tok, "special_tokens_map", {}) or {}).items()}
+    return hash_bytes(body, stable_json(special), str(getattr(tok, "add_bos_token", None)))
+
+
+
+def default_device(device: str | None = None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _default_dtype(device: str):
+    import torch
+
+    return torch.float32 if device.startswith("cpu") else torch.bfloat16
+
+
+class _ModelRef:
+    """A model given by name/path (loaded lazily, hashed by file content) or as an in-memory object."""
+
+    def __init__(self, model, tokenizer=None, device: str | None = None, dtype=None):
+        from transformers import PreTrainedModel
+
+        self.device = default_device(device)
+        self._model = None
+        self._hash: str | None = None
+        self._tok = None
+        self._tok_src = tokenizer
+        if isinstance(model, PreTrainedModel) or hasattr(model, "state_dict"):
+            self._model = model
+            self.path = None
+            self.name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+            self.dtype = str(next(model.parameters()).dtype)
+        else:
+            from .. import assets
+
+            self.name = str(model)
+            self.path = assets.resolve_model(str(model))
+            check_hub_model(self.path)
+            self._dtype = dtype or _default_dtype(self.device)
+            self.dtype = str(self._dtype)
+        if self._tok_src is None and self.path is None:
+            guess = getattr(self._model, "name_or_path", None)
+            if guess and Path(guess).is_dir():
+                self._tok_src = guess
+            else:
+                raise ValueError("an in-memory model needs tokenizer= (a tokenizer object, path or name)")
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            src = self._tok_src if self._tok_src is not None else self.path
+            if isinstance(src, (str, Path)):
+                from transformers import AutoTokenizer
+
+                if not Path(src).exists() and self.path is None:
+                    with contextlib.suppress(Exception):
+                        from .. import assets
+
+                        src = str(assets.tokenizer_path(str(src)))
+                self._tok = AutoTokenizer.from_pretrained(str(src))
+            else:
+                self._tok = src
+        return self._tok
+
+    @property
+    def weights_hash(self) -> str:
+        if self._hash is None:
+            h = hash_model_dir(self.path) if self.path is not None and Path(self.path).is_dir() else None
+            self._hash = h if h is not None else hash_state_dict(self.model)
+        return self._hash
+
+    @property
+    def model(self):
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            self._model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self._dtype)
+            self._model.eval()
+        if str(next(self._model.parameters()).device) != str(self.device) and not (
+            self.device == "cuda" and next(self._model.parameters()).device.type == "cuda"
+        ):
+            self._model.to(self.device)
+        return self._model
+
+    def identity(self) -> dict:
+        return {"weights": self.weights_hash, "tokenizer": hash_tokenizer(self.tokenizer), "dtype": self.dtype}

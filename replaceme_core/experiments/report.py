@@ -1,0 +1,176 @@
+"""Tables beside the paper's numbers, claim checks with honest uncertainty, and writing them to figures/."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ..io.cache import atomic_write_text
+
+
+@lru_cache(maxsize=1)
+def _paper_numbers() -> dict:
+    text = resources.files("replaceme_core").joinpath("resources/paper_numbers.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def paper_table(key: str) -> pd.DataFrame:
+    """One of the paper's tables as printed (see resources/paper_numbers.yaml); `df.attrs` has ref and title."""
+    tables = _paper_numbers()
+    if key not in tables:
+        raise KeyError(f"no paper table {key!r}; known: {', '.join(tables)}")
+    t = tables[key]
+    df = pd.DataFrame(t["rows"], columns=t["columns"])
+    df.attrs.update({k: t[k] for k in ("ref", "title") if k in t})
+    df.attrs["unit"] = t.get("unit", "fraction")
+    return df
+
+
+def figures_dir(path: str | Path | None = None) -> Path:
+    out = Path(path or "figures")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    cols = [str(c) for c in df.columns]
+    fmt = lambda v: (format(v, floatfmt) if isinstance(v, float) and math.isfinite(v) else ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)))  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_table(df: pd.DataFrame, name: str, out_dir: str | Path | None = None, caption: str | None = None) -> dict[str, Path]:
+    """Write `name.md` (with caption) and `name.csv` atomically; return their paths."""
+    out = figures_dir(out_dir)
+    md = (f"**{caption}**\n\n" if caption else "") + _markdown(df) + "\n"
+    paths = {"md": out / f"{name}.md", "csv": out / f"{name}.csv"}
+    atomic_write_text(paths["md"], md)
+    atomic_write_text(paths["csv"], df.to_csv(index=False))
+    return paths
+
+
+# --- uncertainty -----------------------------------------------------------------------------
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (accuracy over n documents)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (centre - half, centre + half)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a − b over paired documents with a 95% percentile bootstrap interval (resampling documents)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError("paired bootstrap needs two non-empty per-document arrays of equal length")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
+    boots = diff[idx].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+@dataclass
+class Claim:
+    """A qualitative claim of the paper, checked on our run."""
+
+    claim: str
+    ref: str
+    evidence: str
+    verdict: str  # held | not held | inconclusive
+    uncertainty: str = ""
+
+
+def verdict_from_interval(lo: float, hi: float, expect_positive: bool = True) -> str:
+    """held if the 95% interval excludes 0 on the expected side, not held if on the other, else inconclusive."""
+    if expect_positive:
+        return "held" if lo > 0 else ("not held" if hi < 0 else "inconclusive")
+    return "held" if hi < 0 else ("not held" if lo > 0 else "inconclusive")
+
+
+def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
+    return pd.DataFrame([asdict(c) for c in claims], columns=["claim", "ref", "evidence", "verdict", "uncertainty"])
+
+
+def relative_performance(value: float, baseline: float) -> float:
+    return value / baseline if baseline else float("nan")
+
+
+# --- comparing evaluation results (the dicts returned by evaluate.evaluate) --------------------
+
+def per_doc_scores(result: dict, task: str, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(document keys, per-document values): the task's reported metric (0/1), or `key` (e.g. LAMBADA's "loglikelihood").
+
+    A group task (MMLU) numbers documents within each subtask, so its keys are "subtask/doc_id" strings.
+    """
+    entry = result["tasks"][task]
+    docs = entry["per_doc"]
+    key = key or entry["metric"]
+    if key not in docs:
+        raise KeyError(f"{task} has no per-document {key!r} (has {sorted(docs)})")
+    ids = np.asarray(docs["doc_id"])
+    if "subtask" in docs:
+        ids = np.asarray([f"{t}/{i}" for t, i in zip(docs["subtask"], docs["doc_id"])])
+    return ids, np.asarray(docs[key], dtype=float)
+
+
+def _aligned(a: dict, b: dict, task: str, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    ids_a, va = per_doc_scores(a, task, key)
+    ids_b, vb = per_doc_scores(b, task, key)
+    common, ia, ib = np.intersect1d(ids_a, ids_b, return_indices=True)
+    if common.size == 0:
+        raise ValueError(f"no common documents for {task}")
+    return va[ia], vb[ib]
+
+
+def accuracy_difference(a: dict, b: dict, tasks: Sequence[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over tasks of (accuracy of a − accuracy of b), with a 95% bootstrap interval.
+
+    Documents are resampled within each task (paired: the same documents for a and b), so the interval
+    reflects how many documents were scored — the dominant uncertainty of a small-budget run.
+    """
+    rng = np.random.default_rng(seed)
+    diffs, boots = [], np.zeros(n_boot)
+    for task in tasks:
+        va, vb = _aligned(a, b, task)
+        d = va - vb
+        diffs.append(d.mean())
+        boots += d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    boots /= len(tasks)
+    return float(np.mean(diffs)), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def log_perplexity_ratio(a: dict, b: dict, task: str = "lambada_openai", n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """log(ppl_a / ppl_b) on LAMBADA (lm-eval: ppl = exp(−mean target log-likelihood)), 95% paired bootstrap."""
+    va, vb = _aligned(a, b, task, "loglikelihood")
+    d = vb - va  # log ppl_a − log ppl_b = mean(−ll_a) − mean(−ll_b)
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def results_frame(results: dict[str, dict], extra: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per variant: each task's reported metric, Avg-acc (paper definition), LAMBADA ppl, extras."""
+    rows = []
+    for name, res in results.items():
+        row = {"variant": name}
+        for task, entry in res["tasks"].items():
+            if task != "lambada_openai":
+                row[task] = entry["value"]
+        row["avg_acc"] = res.get("avg_acc")
+        row["lambada_ppl"] = res.get("lambada_ppl")
+        row.update((extra or {}).get(name, {}))
+        rows.append(row)
+    return pd.DataFrame(rows)
