@@ -125,3 +125,49 @@ def test_cli_options_reach_the_solver_config():
     assert (cfg.optimizer, cfg.max_iter) == ("cg", 7)
     it = cfg.iterative()
     assert (it.optimizer, it.max_iter) == ("cg", 7)
+
+
+def test_uidl_at_an_explicit_start_needs_no_calibration(tiny_dir, tmp_path):
+    out = tmp_path / "uidl-nocalib"
+    args = ["prune", str(tiny_dir), "--num-blocks", "2", "--start", "3", "--method", "uidl", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    record = json.loads((out / "replaceme.json").read_text())
+    assert record["removed_blocks"] == [3, 4] and record["calibration"]["source"] is None
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
+
+
+def test_calibration_is_required_wherever_it_is_used(tiny_dir, tmp_path, capsys):
+    for extra in ([], ["--method", "uidl"], ["--start", "3"]):  # LS needs data; UIDL without --start selects by data
+        args = ["prune", str(tiny_dir), "--num-blocks", "2", "--out", str(tmp_path / "x"), "--quiet", *extra]
+        assert cli.main(args) == 2
+        assert "--calib is required" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_too_many_samples_are_refused_before_the_model_loads(tiny_dir, calib_file, tmp_path, monkeypatch, capsys):
+    import replaceme_core.io.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = _prune_args(tiny_dir, calib_file, tmp_path / "x")
+    args[args.index("--samples") + 1] = "41"  # the file holds 40 paragraphs
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "has only 40 samples" in err and "41 were requested" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unreachable_hub_id_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
+    import time
+
+    import replaceme_core.io.data as data
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing in the local hub cache
+    for args in (["eval", "no-such-org/no-such-model", "--tasks", "piqa", "--limit", "2"],
+                 ["prune", "no-such-org/no-such-model", "--num-blocks", "2", "--start", "3", "--method", "uidl",
+                  "--out", str(tmp_path / "y")]):
+        t0 = time.perf_counter()
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert time.perf_counter() - t0 < 10
+        assert len(err.splitlines()) == 1 and "hub is unreachable" in err and "no-such-org/no-such-model" in err

@@ -295,7 +295,12 @@ def test_evaluate_all_local_tasks(model, tok):
     assert res["lambada_ppl"] > 1 and res["lambada_acc"] == lam["metrics"]["acc"]
     table = ev.summary_table(res)
     assert "| piqa | local | 0 | acc_norm |" in table and "Avg-acc" in table and "LAMBADA ppl" in table
-    assert "missing race" in table
+    assert "missing race" in table and "not the paper's Avg-acc" in table
+    piqa = next(line for line in table.splitlines() if line.startswith("| piqa |")).split("|")
+    m = res["tasks"]["piqa"]["metrics"]
+    assert float(piqa[7]) == pytest.approx(m["acc"], abs=5e-5) and float(piqa[8]) == pytest.approx(m["acc_norm"], abs=5e-5)
+    full = ev.summary_table({**res, "avg_acc_missing": [], "avg_acc_tasks": list(ev.AVG_ACC_TASKS)})
+    assert "the paper's 6 tasks" in full and "not the paper's" not in full
     json.dumps(res)  # the whole result is JSON-serialisable
 
 
