@@ -501,3 +501,34 @@ def test_hub_names_exist_and_local_tasks_stay_out_of_lm_eval_groups(bench):
         assert not e.tags, (e.name, e.tags)  # upstream tags (ai2_arc, mmlu_*_tasks, lambada, ...) cleared
     upstream_tagged = [n for n, e in tm.task_index.items() if e.tags and "mmlu_anatomy" == n]
     assert upstream_tagged == ["mmlu_anatomy"]  # lm-eval's own subject still carries its tag
+
+
+# --------------------------------------------------------------------------------------------
+# backends and per-sample logs
+# --------------------------------------------------------------------------------------------
+def test_backend_is_part_of_the_cache_key(model, tok):
+    hf = ev.evaluate(model, tok, tasks=["piqa"], limit=2, progress=False, backend="hf")
+    ours = ev.evaluate(model, tok, tasks=["piqa"], limit=2, progress=False, backend="replaceme")
+    assert not ours["tasks"]["piqa"]["cached"] and ours["tasks"]["piqa"]["cache_key"] != hf["tasks"]["piqa"]["cache_key"]
+    assert ours["config"]["backend"] == "replaceme" and hf["config"]["backend"] == "hf"
+    assert ours["tasks"]["piqa"]["per_doc"] == hf["tasks"]["piqa"]["per_doc"]
+    with pytest.raises(ValueError, match="unknown evaluation backend"):
+        ev.evaluate(model, tok, tasks=["piqa"], limit=2, progress=False, backend="vllm")
+
+
+def test_log_samples_writes_lm_evals_records_also_from_the_cache(model, tok, tmp_path, monkeypatch):
+    import lm_eval
+
+    ev.evaluate(model, tok, tasks=["piqa"], limit=3, progress=False, backend="hf")  # cached without records
+    first = ev.evaluate(model, tok, tasks=["piqa", "mmlu"], limit=3, progress=False, backend="hf", log_samples=tmp_path / "a")
+    assert not first["tasks"]["piqa"]["cached"]  # re-scored: the earlier entry kept no records
+    piqa = [json.loads(line) for line in (tmp_path / "a" / "samples_piqa_local.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in piqa] == [0, 1, 2] and all({"doc", "target", "resps", "acc"} <= set(r) for r in piqa)
+    assert [r["acc"] for r in piqa] == first["tasks"]["piqa"]["per_doc"]["acc"]
+    mmlu = sorted(p.name for p in (tmp_path / "a").glob("samples_mmlu_*.jsonl"))
+    assert mmlu and all(n.endswith("_local.jsonl") for n in mmlu)  # one file per subject task, as lm-eval writes them
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: pytest.fail("cache miss"))
+    again = ev.evaluate(model, tok, tasks=["piqa", "mmlu"], limit=3, progress=False, backend="hf", log_samples=tmp_path / "b")
+    assert all(r["cached"] for r in again["tasks"].values())
+    for f in (tmp_path / "a").iterdir():
+        assert (tmp_path / "b" / f.name).read_bytes() == f.read_bytes()

@@ -156,7 +156,7 @@ def _write_sample_logs(out_dir: Path, cached: Path) -> None:
 #: evaluation backends: lm-eval model classes, by the name `--backend` takes
 BACKENDS = {"replaceme": "shared contexts, LM head only at scored positions (replaceme_core.evaluation.shared_context)",
             "hf": "lm-eval's HFLM, every (context, continuation) pair as its own sequence"}
-DEFAULT_BACKEND = "hf"
+DEFAULT_BACKEND = "replaceme"
 
 
 def backend_class(name: str):

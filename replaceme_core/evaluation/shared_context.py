@@ -1,0 +1,339 @@
+"""A faster lm-eval backend for causal LMs: each distinct context runs once, the head runs only where scored.
+
+Why: lm-eval's ``HFLM`` scores every (context, continuation) pair as a separate full sequence. A 4-choice question
+therefore sends its (often long, few-shot) context through the transformer blocks 4 times, and the LM head — a
+49k to 262k wide matmul plus log-softmax for the model families we prune — is computed at *every* position although
+only the continuation positions are read. Both dominate evaluation time on small and pruned models.
+
+``SharedContextHFLM`` (registered in lm-eval as ``replaceme``) is an ``HFLM`` that returns the same numbers faster:
+
+* requests are grouped by their context tokens; each distinct context ``c`` goes through the blocks once
+  (``c[:-1]``, left-padded with explicit positions, ``use_cache=True``), and its KV cache is repeated across its
+  continuations, which are then run as ``[c[-1]] + continuation[:-1]`` (right-padded);
+* the base model (``model.base_model``) returns hidden states, and the head (``get_output_embeddings()``, then the
+  family's final logit soft-capping) is applied only to the gathered scored positions;
+* tokenisation is ``HFLM``'s own (``loglikelihood`` and ``_encode_pair`` are inherited, including the empty-context
+  prefix token and the move of trailing context whitespace into the continuation), and so is the left truncation of
+  over-long requests, which is reproduced by left-truncating the context;
+* ``loglikelihood_rolling`` uses lm-eval's own rolling windows and scores them with the same machinery;
+  ``generate_until`` is ``HFLM``'s.
+
+One known difference: HFLM's one-token logits cache (``logits_cache=True``, its default) mis-scores a request whose
+``context + continuation[:-1]`` equals another's while its continuation is shorter (e.g. ``("", "the cat")`` next to
+``("the", " cat")``, or rolling windows of repetitive texts): it reads the shorter one's log-probs from the front of
+the longer one's logits. Here such a request gets what HFLM gives it alone (or with ``logits_cache=False``).
+
+Device, dtype, batch size, ``softmax_dtype`` and ``mixed_precision_dtype`` come from the usual ``HFLM`` arguments.
+Nothing is cached across calls. Families whose logits are not exactly ``head(base(x))`` (anything outside
+``HEAD_ONLY_MODEL_TYPES``, PEFT wrappers, ...) fall back to the model's full forward, still sharing contexts.
+
+Command line: lm-eval 0.4.13 has no plugin mechanism (no entry-point scan; ``get_model`` only knows what was
+imported), so ``lm_eval --model replaceme`` cannot find a class in another package. This module is the wrapper:
+``python -m replaceme_core.evaluation.shared_context --model replaceme --model_args pretrained=DIR --tasks ...``
+takes exactly lm-eval's command-line arguments. From Python, importing this module registers the name.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import transformers
+from lm_eval import utils as lm_utils
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "replaceme"
+
+# Families whose causal-LM forward is exactly `head(base_model(x))` (+ `final_logit_softcapping` where configured).
+HEAD_ONLY_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "gemma3_text"}
+)
+
+# Any valid embedding index: padded positions are masked out and never scored.
+PAD_ID = 0
+# Scored positions per head call: bounds the positions x vocabulary logits (262k wide for Gemma 3).
+HEAD_CHUNK = 1024
+
+# (request key, context tokens, continuation tokens), as lm-eval's TemplateLM hands them over.
+TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+@dataclass
+class ContextGroup:
+    """One distinct (already left-truncated) context; its distinct continuations -> the requests asking for them."""
+
+    tokens: tuple[int, ...]
+    continuations: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+
+    def add(self, continuation: tuple[int, ...], request_index: int) -> None:
+        self.continuations.setdefault(continuation, []).append(request_index)
+
+    @property
+    def sort_key(self):
+        """Longest contexts first (the prefill pads to them), then longest continuations; one-token contexts last."""
+        return -len(self.tokens), -max(map(len, self.continuations)), self.tokens
+
+
+def truncated_context(context: list[int], continuation: list[int], max_length: int) -> tuple[int, ...]:
+    """HFLM's left truncation, seen from the context: it scores `(context + continuation)[-(max_length + 1):]`, so
+    the continuation is kept whole and the context keeps its last `max_length + 1 - len(continuation)` tokens."""
+    assert len(context) > 0, "context must hold at least one token"
+    assert 0 < len(continuation) <= max_length, "continuation must hold 1..max_length tokens"
+    return tuple(context[-(max_length + 1 - len(continuation)):])
+
+
+def group_by_context(requests: list[TokenRequest], max_length: int) -> list[ContextGroup]:
+    """Distinct contexts with their distinct continuations, longest first (as HFLM orders its requests)."""
+    groups: dict[tuple[int, ...], ContextGroup] = {}
+    n_truncated = 0
+    for i, (_, context, continuation) in enumerate(requests):
+        tokens = truncated_context(context, continuation, max_length)
+        n_truncated += len(tokens) < len(context)
+        groups.setdefault(tokens, ContextGroup(tokens)).add(tuple(continuation), i)
+    if n_truncated:
+        log.warning("%d request(s) exceed the maximum length %d; their contexts were truncated from the left.",
+                    n_truncated, max_length)
+    return sorted(groups.values(), key=lambda g: g.sort_key)
+
+
+def pack(groups: list[ContextGroup], rows: int) -> list[list[ContextGroup]]:
+    """Consecutive groups whose continuations total at most `rows` (a bigger group goes alone). One-token contexts
+    (nothing to prefill) are never mixed with longer ones, so no prefill row is all padding."""
+    chunks: list[list[ContextGroup]] = []
+    size = 0
+    for group in groups:
+        n = len(group.continuations)
+        full = size + n > rows
+        if not chunks or full or (len(group.tokens) == 1) != (len(chunks[-1][0].tokens) == 1):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(group)
+        size += n
+    return chunks
+
+
+def pad(seqs: list[tuple[int, ...]], side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of the sequences padded on `side` to the longest one."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def per_row(picked: torch.Tensor, greedy: torch.Tensor, scored: torch.Tensor) -> list[tuple[float, bool]]:
+    """(sum of a row's target log-probs, all of them greedy) per row; summed in the log-prob dtype, as HFLM does."""
+    logprob = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device)
+    logprob[scored.to(picked.device)] = picked
+    all_greedy = torch.ones(scored.shape, dtype=torch.bool, device=picked.device)
+    all_greedy[scored.to(picked.device)] = greedy
+    return list(zip(logprob.sum(-1).tolist(), all_greedy.all(-1).tolist()))
+
+
+def cache_argument(module: torch.nn.Module) -> str:
+    """The keyword a forward takes its KV cache under (`cache` in transformers 5, `past_key_values` before)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+class SharedContextHFLM(HFLM):
+    """``HFLM`` whose log-likelihoods run each distinct context once and the LM head only on scored positions."""
+
+    head_only_model_types = HEAD_ONLY_MODEL_TYPES
+
+    # ---- log-likelihood ------------------------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
+                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+        if self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        if not requests:
+            return []
+        rows = self._rows_per_batch(requests, override_bs)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0),
+                    desc="Running loglikelihood requests (shared contexts)")
+        with self._inference():
+            for chunk in pack(group_by_context(requests, self.max_length), rows):
+                for owners, answer in self._score_chunk(chunk, rows):
+                    for i in owners:
+                        results[i] = answer
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    pbar.update(len(owners))
+        pbar.close()
+        return results
+
+    def _rows_per_batch(self, requests: list[TokenRequest], override_bs: int | None) -> int:
+        """`batch_size` continuation rows per forward; "auto" probes HFLM's detector on the longest request."""
+        if self.batch_size != "auto":
+            return int(self.batch_size)
+        if override_bs:
+            return int(override_bs)
+        longest = max(requests, key=lambda r: len(r[1]) + len(r[2]))
+        return self._detect_batch_size([longest], 0)
+
+    @contextlib.contextmanager
+    def _inference(self):
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            yield
+
+    def _score_chunk(self, chunk: list[ContextGroup], rows: int):
+        """Yield (request indices, (loglikelihood, is_greedy)) for every continuation of the chunk's contexts."""
+        cache, prefix_mask = self._prefill(chunk)
+        work = [(g, cont, owners) for g, group in enumerate(chunk) for cont, owners in group.continuations.items()]
+        for start in range(0, len(work), rows):
+            batch = work[start:start + rows]
+            last = start + rows >= len(work)
+            # the continuation pass grows and re-indexes the cache: keep the prefill intact for later batches
+            batch_cache = cache if (last or cache is None) else copy.deepcopy(cache)
+            scores = self._score_continuations(chunk, batch, batch_cache, prefix_mask)
+            yield from zip((owners for _, _, owners in batch), scores)
+
+    def _prefill(self, chunk: list[ContextGroup]):
+        """Run every context but its last token through the blocks once; (KV cache, prefix mask) or (None, None)."""
+        prefixes = [group.tokens[:-1] for group in chunk]
+        if not any(prefixes):
+            return None, None
+        ids, mask = pad(prefixes, "left", self.device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        split = self._split_head()
+        if split is not None:
+            out = self._forward(split[0], ids, mask, positions, None)
+        else:
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+            out = self._forward(self.model, ids, mask, positions, None, **extra)
+        return cache_of(out), mask
+
+    def _score_continuations(self, chunk, batch, cache, prefix_mask) -> list[tuple[float, bool]]:
+        """Feed `[context[-1]] + continuation[:-1]` for each row on top of its context's cache; score the head."""
+        ids, mask, positions = self._continuation_inputs(chunk, batch)
+        if cache is not None:
+            group_index = torch.tensor([g for g, _, _ in batch], dtype=torch.long, device=self.device)
+            cache.reorder_cache(group_index)
+            mask = torch.cat([prefix_mask[group_index], mask], dim=-1)
+        targets, scored = pad([cont for _, cont, _ in batch], "right", self.device)
+        scored = scored.bool()
+        split, grow = self._split_head(), cache is not None  # without a prefix there is no cache worth growing
+        if split is not None:
+            states = self._forward(split[0], ids, mask, positions, cache, use_cache=grow).last_hidden_state
+            head = functools.partial(self._head, split[1])
+        else:
+            states = self._forward(self.model, ids, mask, positions, cache, use_cache=grow).logits
+            head = None  # the full forward already applied it
+        picked, greedy = self._position_scores(states[scored.to(states.device)], targets[scored], head)
+        return per_row(picked, greedy, scored)
+
+    def _continuation_inputs(self, chunk, batch):
+        """Right-padded `[context[-1]] + continuation[:-1]` rows, positioned right after their context's prefix."""
+        ids, mask = pad([(chunk[g].tokens[-1],) + cont[:-1] for g, cont, _ in batch], "right", self.device)
+        start = torch.tensor([len(chunk[g].tokens) - 1 for g, _, _ in batch], device=self.device)
+        last = start + mask.sum(-1) - 1  # padding repeats the last real position: absolute embeddings stay in range
+        positions = torch.minimum(start[:, None] + torch.arange(ids.shape[1], device=self.device), last[:, None])
+        return ids, mask, positions
+
+    def _position_scores(self, states: torch.Tensor, targets: torch.Tensor, head=None):
+        """(target log-prob, target is the argmax) at each scored position, from hidden states through `head` (or
+        from logits when `head` is None), HEAD_CHUNK positions at a time so the positions x vocabulary logits stay
+        bounded; the log-softmax runs in HFLM's dtype (`softmax_dtype`)."""
+        picked, greedy = [], []
+        for s in range(0, states.shape[0], HEAD_CHUNK):
+            logits = states[s:s + HEAD_CHUNK] if head is None else head(states[s:s + HEAD_CHUNK])
+            logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            t = targets[s:s + HEAD_CHUNK].to(logprobs.device)  # the head may sit on another device than the inputs
+            picked.append(logprobs.gather(-1, t[:, None]).squeeze(-1))
+            greedy.append(logprobs.argmax(-1) == t)
+        return torch.cat(picked), torch.cat(greedy)
+
+    # ---- the model, split into trunk and head ---------------------------------------------------------------------
+
+    def _split_head(self):
+        """(base model, head) when the family's logits are exactly `head(base(x))` (+ soft-capping), else None."""
+        model = self.model
+        if not isinstance(model, transformers.PreTrainedModel):
+            return None  # e.g. a PEFT wrapper
+        if getattr(model.config, "model_type", None) not in self.head_only_model_types:
+            return None
+        if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+            return None
+        base, head = model.base_model, model.get_output_embeddings()
+        if base is model or head is None:
+            return None
+        return base, head
+
+    def _head(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on gathered hidden states, with the final logit soft-capping of Gemma-style configs."""
+        logits = head(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @staticmethod
+    def _forward(module, ids, mask, positions, cache, use_cache: bool = True, **extra):
+        kwargs = {cache_argument(module): cache} if cache is not None else {}
+        return module(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, **kwargs,
+                      **extra)
+
+    # ---- rolling log-likelihood -----------------------------------------------------------------------------------
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """HFLM's disjoint rolling windows (lm-eval's utils), all scored in one shared-context pass."""
+        windows: list[TokenRequest] = []
+        owners: list[int] = []
+        for i, (string,) in enumerate(tqdm([req.args for req in requests], desc="Splitting rolling windows",
+                                           disable=(disable_tqdm or self.rank != 0))):
+            for context, continuation in self._rolling_windows(string):
+                windows.append((None, context, continuation))
+                owners.append(i)
+        n_real = len(windows)
+        windows += self._rank_padding(windows)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)[:n_real]
+        totals = [0.0] * len(requests)
+        for i, (ll, _) in zip(owners, scores):
+            totals[i] += ll
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def _rolling_windows(self, string: str) -> list[tuple[list[int], list[int]]]:
+        windows = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(string),
+                                                     prefix_token=self.prefix_token_id,
+                                                     max_seq_len=self.max_length, context_len=1)
+        return [lm_utils.make_disjoint_window(w) for w in windows]
+
+    def _rank_padding(self, windows: list[TokenRequest]) -> list[TokenRequest]:
+        """Under data parallelism every rank runs as many windows as the busiest one (results discarded)."""
+        if self.world_size <= 1:
+            return []
+        counts = self.all_gather(torch.tensor(len(windows), device=self.device)).cpu().tolist()
+        return [windows[0]] * (max(counts) - len(windows))
+
+
+# `python -m` runs this file as `__main__`; registering there as well would put a second class under the name.
+if __name__ == "__main__":
+    import importlib
+
+    from lm_eval.__main__ import cli_evaluate
+
+    importlib.import_module("replaceme_core.evaluation.shared_context")  # registers `replaceme`
+    cli_evaluate()
+else:
+    register_model(MODEL_NAME)(SharedContextHFLM)
