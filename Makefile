@@ -45,7 +45,7 @@ test-notebooks: setup
 	$(BIN)/python -m replaceme_core.experiments.paper --profile smoke --figures build/smoke-figures --build build
 
 paper: setup
-	$(BIN)/python -m replaceme_core.experiments.paper --profile $(PROFILE) --figures figures --build build
+	$(BIN)/python -m replaceme_core.experiments.paper --profile $(PROFILE) --figures figures --build build$(if $(filter 1,$(CHECK)), --check)
 
 tutorial: setup
 	$(BIN)/python -m pip install --quiet jupyterlab

@@ -308,8 +308,11 @@ def prune(
                 T = solve_closed_form(calib.ls[run], config.structure, config.ridge)
                 info["relative_residual"] = calib.ls[run].relative_residual(T)
                 info["identity_relative_residual"] = calib.ls[run].relative_residual(torch.eye(d, dtype=torch.float64))
+                T = T.cpu()  # d×d: kept on the host like every T, so cached fits load on any machine
             elif run in calib.stores:
-                T, history = solve_iterative(calib.stores[run], config.iterative(), device=stats_device or "cpu", progress=progress)
+                # the solver runs where the statistics live (the model's device unless told otherwise), not on the host
+                T, history = solve_iterative(calib.stores[run], config.iterative(), device=_stats_device(model, stats_device),
+                                             progress=progress)
                 info["loss_per_epoch"] = history
             replacements.append(Replacement(run, T))
             run_info.append(info)

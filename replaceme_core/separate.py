@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .arch import get_adapter
-from .capture import Activations, run_capture
+from .capture import Activations, _input_device, run_capture
 from .merge import SEPARATE_MARK, Replacement
 from .select import Run, merge_touching, validate_run
 from .solve import IterativeConfig, solve_iterative, solve_ls
@@ -47,19 +47,24 @@ def _hook(_module, _inputs, output):
 
 
 def capture_separate(model: nn.Module, batches: Sequence[dict], runs: Sequence[Run], *, ls: bool = True,
-                     store: bool = False, progress: bool = True) -> tuple[dict[Run, LSStats], dict[Run, ActivationStore], int]:
-    """One pass: Gram sums (float64) and/or an on-disk store of (M = L_kept, R = L_last) per run."""
+                     store: bool = False, stats_device=None, progress: bool = True
+                     ) -> tuple[dict[Run, LSStats], dict[Run, ActivationStore], int]:
+    """One pass: Gram sums (float64) and/or an on-disk store of (M = L_kept, R = L_last) per run.
+
+    The sums live on `stats_device` (default: the model's input device, as in `prune.calibrate`), so on a GPU the
+    float64 Gram products run there instead of on the host."""
     adapter = get_adapter(model)
     for run in runs:
         validate_run(run, adapter.num_layers)
     d = adapter.hidden_size
-    sums = {run: LSStats(d) for run in runs} if ls else {}
+    device = torch.device(stats_device) if stats_device is not None else _input_device(model)
+    sums = {run: LSStats(d, device) for run in runs} if ls else {}
     stores = {run: ActivationStore(("M", "R"), d) for run in runs} if store else {}
 
     def consume(acts: Activations) -> None:
         for run in runs:
-            M = acts.real(acts.block_out[run.kept]).to("cpu", torch.float64)
-            R = acts.real(acts.block_out[run.last]).to("cpu", torch.float64)
+            M = acts.real(acts.block_out[run.kept]).to(device, torch.float64)
+            R = acts.real(acts.block_out[run.last]).to(device, torch.float64)
             if ls:
                 sums[run].update(M, R)
             if store:
@@ -79,24 +84,28 @@ def capture_separate(model: nn.Module, batches: Sequence[dict], runs: Sequence[R
 
 
 def fit_separate(model: nn.Module, batches: Sequence[dict], runs: Sequence[Run], method: str = "ls", *,
-                 iterative: IterativeConfig | None = None, ridge: float = 0.0, progress: bool = True) -> list[Replacement]:
-    """T per run mapping L_kept → L_last. For the cosine objectives Y = 0 here, so Eq. 7 and Eq. 8 coincide."""
+                 iterative: IterativeConfig | None = None, ridge: float = 0.0, stats_device=None,
+                 progress: bool = True) -> list[Replacement]:
+    """T per run mapping L_kept → L_last. For the cosine objectives Y = 0 here, so Eq. 7 and Eq. 8 coincide.
+
+    Sums and solvers run on `stats_device` (default: the model's input device); every T comes back on the host."""
     runs = list(runs)
     if len(merge_touching(runs)) != len(runs):
         raise ValueError(f"runs {runs} overlap or touch: give non-touching runs")
     if method == "uidl":
         return [Replacement(run, None) for run in runs]
     if method == "ls":
-        sums, _, _ = capture_separate(model, batches, runs, ls=True, progress=progress)
-        return [Replacement(run, solve_ls(sums[run], ridge)) for run in runs]
+        sums, _, _ = capture_separate(model, batches, runs, ls=True, stats_device=stats_device, progress=progress)
+        return [Replacement(run, solve_ls(sums[run], ridge).cpu()) for run in runs]
     if method not in ("cosine", "cosine-exact", "mse"):
         raise ValueError(f"unknown method {method!r} for a separate transform; choose ls, cosine, cosine-exact, mse or uidl")
     cfg = iterative or IterativeConfig()
     objective = "cosine" if method == "cosine-exact" else method  # with Y = 0, Eq. 7 is Eq. 8
     cfg = IterativeConfig(**{**cfg.__dict__, "objective": objective})
     _, stores, _ = capture_separate(model, batches, runs, ls=False, store=True, progress=progress)
+    device = torch.device(stats_device) if stats_device is not None else _input_device(model)
     try:
-        return [Replacement(run, solve_iterative(stores[run], cfg, progress=progress)[0]) for run in runs]
+        return [Replacement(run, solve_iterative(stores[run], cfg, device=device, progress=progress)[0]) for run in runs]
     finally:
         for s in stores.values():
             s.close()

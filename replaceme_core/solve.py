@@ -261,30 +261,39 @@ def _solve_full_batch(store: ActivationStore, cfg: IterativeConfig, device="cpu"
 
 
 @torch.no_grad()
-def full_batch_loss(store: ActivationStore, T: torch.Tensor, objective: str = "cosine", chunk_rows: int = 8192) -> float:
-    """The objective's mean over every row of `store` (no penalty) at a given T — e.g. to compare solvers."""
+def full_batch_loss(store: ActivationStore, T: torch.Tensor, objective: str = "cosine", chunk_rows: int = 8192,
+                    device=None) -> float:
+    """The objective's mean over every row of `store` (no penalty) at a given T — e.g. to compare solvers.
+
+    Rows are read chunk by chunk from the file (memory bounded by `chunk_rows`, however large the store) and scored on
+    `device` (default: T's device)."""
     check_choice("objective", objective, OBJECTIVES)
     missing = set(columns_for(objective)) - set(store.columns)
     if missing:
         raise ValueError(f"objective {objective!r} needs stored columns {sorted(missing)}")
     if store.rows == 0:
         raise CalibrationError("the activation store is empty")
+    device = torch.device(device) if device is not None else T.device
     dtype = torch.float64 if objective == "mse" else torch.float32
-    rows = full_batch_rows(store, store.rows)
+    data = np.memmap(store.path, dtype=np.float32, mode="r", shape=(store.rows, store.width))
+    Td = T.to(device, dtype)
     total = 0.0
     for s in range(0, store.rows, chunk_rows):
-        batch = {k: v[s : s + chunk_rows].to(dtype) for k, v in rows.items()}
-        total += float(data_loss(T.to(dtype), batch, objective, reduction="sum"))
+        block = torch.from_numpy(np.array(data[s : s + chunk_rows])).to(device, dtype)
+        batch = {col: block[:, j * store.d : (j + 1) * store.d] for j, col in enumerate(store.columns)}
+        total += float(data_loss(Td, batch, objective, reduction="sum"))
     return total / store.rows
 
 
-def minimize_mse_on_sums(stats: LSStats, optimizer: str = "cg", max_iter: int = 1000, ridge: float = 0.0) -> tuple[torch.Tensor, list[float]]:
+def minimize_mse_on_sums(stats: LSStats, optimizer: str = "cg", max_iter: int = 1000, ridge: float = 0.0,
+                         device=None) -> tuple[torch.Tensor, list[float]]:
     """Minimise the MSE objective Σ‖M T − R‖² (+ α‖T‖²) numerically from T₀ = I, using only the Gram sums.
 
     The same objective as MSE over every stored token (‖MT − R‖² = ‖R‖² − 2⟨T, MᵀR⟩ + ⟨T, MᵀM T⟩), so a
     converging solver must reach the LS closed form: this is the cheap, exact form of Table 8's "MSE solved
     numerically" check. optimizer: "cg" (SciPy nonlinear CG; on a quadratic, linear CG) or "trust-ncg".
-    Returns T and the relative residual Σ‖MT − R‖²/Σ‖R‖² after every iteration (first entry: T = I).
+    The d×d products (d³ each, thousands of times) run in float64 on `device` (default: where the sums are), SciPy
+    only steers. Returns T (host) and the relative residual Σ‖MT − R‖²/Σ‖R‖² after every iteration (first: T = I).
     """
     from scipy.optimize import minimize
 
@@ -292,19 +301,23 @@ def minimize_mse_on_sums(stats: LSStats, optimizer: str = "cg", max_iter: int = 
     if max_iter <= 0:
         raise ValueError("max_iter must be positive")
     d = stats.d
-    A = (stats.MtM + ridge * torch.eye(d, dtype=torch.float64, device=stats.device)).cpu().numpy()
-    B = stats.MtR.cpu().numpy()
+    device = torch.device(device) if device is not None else stats.device
+    A = (stats.MtM + ridge * torch.eye(d, dtype=torch.float64, device=stats.device)).to(device, torch.float64)
+    B = stats.MtR.to(device, torch.float64)
     rr = float(stats.RtR)
     scale = max(rr, 1e-300)  # objective divided by Σ‖R‖²: the relative residual, O(1)
 
+    def as_matrix(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(d, d)).to(device)
+
     def fun_and_grad(x):
-        T = x.reshape(d, d)
+        T = as_matrix(x)
         AT = A @ T
         f = (rr - 2 * float((T * B).sum()) + float((T * AT).sum())) / scale
-        return f, (2 * (AT - B) / scale).ravel()
+        return f, (2 * (AT - B) / scale).cpu().numpy().ravel()
 
     def hessp(_x, v):
-        return (2 * (A @ v.reshape(d, d)) / scale).ravel()
+        return (2 * (A @ as_matrix(v)) / scale).cpu().numpy().ravel()
 
     x0 = np.eye(d).ravel()
     history = [fun_and_grad(x0)[0]]

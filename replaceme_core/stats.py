@@ -221,18 +221,24 @@ class ActivationStore:
         return self
 
     def batches(self, batch_rows: int, generator: torch.Generator, device="cpu") -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch of shuffled mini-batches as {column: [b, d] float32 tensor}."""
+        """One epoch of shuffled mini-batches on `device` as {column: [b, d] float32 tensor}.
+
+        Each chunk crosses to `device` once and is shuffled there: a GPU solver then pays one host-to-device copy per
+        chunk, not one per mini-batch. The permutations come from the (host) `generator`, so the order of rows is the
+        same on every device."""
         n_chunks = max(1, math.ceil(self.rows / self.chunk_rows))
         order = torch.randperm(n_chunks, generator=generator).tolist()
+        device = torch.device(device)
         with open(self.path, "rb") as f:
             for c in order:
                 start = c * self.chunk_rows
                 count = min(self.chunk_rows, self.rows - start)
                 f.seek(start * self.width * 4)
                 chunk = torch.from_numpy(np.frombuffer(f.read(count * self.width * 4), dtype=np.float32).reshape(count, self.width).copy())
-                perm = torch.randperm(count, generator=generator)
+                chunk = chunk.to(device)
+                perm = torch.randperm(count, generator=generator).to(device)
                 for b in range(0, count, batch_rows):
-                    rows = chunk[perm[b : b + batch_rows]].to(device)
+                    rows = chunk[perm[b : b + batch_rows]]
                     yield {col: rows[:, j * self.d : (j + 1) * self.d] for j, col in enumerate(self.columns)}
 
     def all_rows(self) -> dict[str, torch.Tensor]:

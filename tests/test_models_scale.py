@@ -40,7 +40,7 @@ def test_diagonal_fold_into_gemma_norm_equals_scaling_its_output():
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu", "paper"])
 def test_profile_sections_are_consistent(name):
     p = load_profile(name)
     s10 = p["10_models_and_scale"]

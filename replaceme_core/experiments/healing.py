@@ -243,7 +243,13 @@ def heal(model: nn.Module, tokenizer, texts: Sequence[str], config: HealConfig |
     trainable = sum(p.numel() for p in params)
     if cfg.gradient_checkpointing:
         train_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Half-precision weights (bf16 on a GPU) cannot take Adam's steps themselves: a step of ~lr is below half a bf16
+    # ulp of a typical weight at lr 1e-5 and rounds away, so the model would not move. Adam then updates float32
+    # master copies and the weights follow them (mixed precision). float32 parameters (CPU profiles, T₂, peft's LoRA
+    # adapters) are stepped directly, as before.
+    master = [p.detach().to(torch.float32).clone().requires_grad_(True) for p in params] \
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in params) else None
+    optimizer = torch.optim.Adam(master if master is not None else params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     losses: list[float] = []
     train_model.train()
@@ -257,7 +263,14 @@ def heal(model: nn.Module, tokenizer, texts: Sequence[str], config: HealConfig |
                 raise FloatingPointError(f"healing loss became {loss.item()} at step {len(losses)}: lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if master is not None:
+                for m, p in zip(master, params):
+                    m.grad, p.grad = (None if p.grad is None else p.grad.to(torch.float32)), None
             optimizer.step()
+            if master is not None:
+                with torch.no_grad():
+                    for m, p in zip(master, params):
+                        p.copy_(m)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:

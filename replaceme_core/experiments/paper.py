@@ -86,12 +86,20 @@ def run_notebooks(profile: str = "cpu", notebooks_dir: str | Path = "notebooks",
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replaceme_core.experiments.paper", description=__doc__)
-    parser.add_argument("--profile", default="cpu", help="smoke | cpu | paper (default cpu)")
+    parser.add_argument("--profile", default="cpu", help="smoke | cpu | gpu | paper, or a .yaml path (default cpu)")
     parser.add_argument("--figures", default="figures", help="where tables and figures go (default figures/)")
     parser.add_argument("--build", default="build", help="where executed notebooks go (default build/)")
     parser.add_argument("--only", nargs="*", help="run only these notebooks (names without .ipynb)")
     parser.add_argument("--no-index", action="store_true", help="do not rewrite figures/README.md")
+    parser.add_argument("--check", action="store_true",
+                        help="run no notebook: check the profile offline in seconds (keys the notebooks read, lm-eval task "
+                             "names, dataset fields, model families) and print what it would download and a GPU-time "
+                             "estimate; exit 1 with one line per problem (experiments/check/)")
     args = parser.parse_args(argv)
+    if args.check:
+        from .check import run_check
+
+        return run_check(args.profile)
     t0 = time.perf_counter()
     timings = run_notebooks(args.profile, build_dir=args.build, figures=args.figures, only=args.only)
     if not args.no_index:

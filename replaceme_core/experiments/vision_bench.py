@@ -93,12 +93,22 @@ def tiny_random_vision_model(name: str = "tiny-random-dinov2", seed: int = 0) ->
     return Dinov2Model(Dinov2Config(**kw)).eval()
 
 
-def load_vision_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A packaged encoder name (`dinov2s-imgfocus`), a tiny random one, a local directory or a hub id."""
+def load_vision_model(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | None = None) -> nn.Module:
+    """A packaged encoder name (`dinov2s-imgfocus`), a tiny random one, a local directory or a hub id.
+
+    `device` / `dtype` default as for language models (`io.models`): CUDA when available, float32 on the host and
+    bfloat16 on an accelerator."""
     from transformers import AutoModel
 
     from ..assets import VISION_MODELS, vision_model_path
+    from ..io.models import DTYPES, default_device, default_dtype
 
+    device = device or default_device()
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or default_dtype(device)
     if name_or_path in TINY_VISION_MODELS:
         return tiny_random_vision_model(name_or_path).to(device, dtype)
     source = str(vision_model_path(name_or_path)) if name_or_path in VISION_MODELS else name_or_path
@@ -277,7 +287,9 @@ class VisionBench:
         check_vision_profile(v, self.profile_name)
         self.progress = progress
         t0 = time.perf_counter()
-        self.model = load_vision_model(v["model"])
+        # device / dtype: the vision section's own keys, else the profile's top-level ones, else the loader's defaults
+        self.model = load_vision_model(v["model"], dtype=v.get("dtype", full.get("dtype")),
+                                       device=v.get("device", full.get("device")))
         self.adapter = get_adapter(self.model)
         self.num_layers = self.adapter.num_layers
         self.image_size, self.batch_size, self.seed = int(v["image_size"]), int(v.get("batch_size", 32)), int(v.get("seed", 0))

@@ -76,11 +76,20 @@ def _fit_key(cfg: PruneConfig, runs: list[Run]) -> str:
     return hash_bytes(stable_json({**fit, "runs": [(r.start, r.n) for r in runs]}))[:16]
 
 
+def _on_host(st: LSStats) -> LSStats:
+    """The d×d sums on the host: what notebooks compare them with (T, the identity) lives there too."""
+    if st.device.type == "cpu":
+        return st
+    out = LSStats(st.d)
+    out.MtM, out.MtR, out.RtR, out.tokens = st.MtM.cpu(), st.MtR.cpu(), st.RtR.cpu(), st.tokens
+    return out
+
+
 def _load_ls(stats_dir: Path, run: Run) -> LSStats | None:
     path = _ls_path(stats_dir, run)
     if not path.exists():
         return None
-    state = torch.load(path)
+    state = torch.load(path, map_location="cpu")
     st = LSStats(state["MtM"].shape[0])
     st.MtM, st.MtR, st.RtR, st.tokens = state["MtM"], state["MtR"], state["RtR"], state["tokens"]
     return st
@@ -94,7 +103,7 @@ def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterabl
     dist_path = stats_dir / "distances.pt"
     out = Calibration()
     if distances and dist_path.exists():
-        out.distances = DistanceStats.from_state_dict(torch.load(dist_path))
+        out.distances = DistanceStats.from_state_dict(torch.load(dist_path, map_location="cpu"))
     missing = []
     for run in runs:
         st = _load_ls(stats_dir, run)
@@ -109,8 +118,8 @@ def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterabl
         if need_dist:
             out.distances = new.distances
             atomic_torch_save(new.distances.state_dict(), dist_path)
-        for run, st in new.ls.items():
-            out.ls[run] = st
+        for run, st in new.ls.items():  # accumulated on the model's device, handed over on the host
+            out.ls[run] = _on_host(st)
             _save_ls(stats_dir, run, st)
         out.seconds = new.seconds
     return out
@@ -126,7 +135,16 @@ class Variant:
     replacements: list[Replacement] = field(default_factory=list)
 
 
+def _model_device(model) -> str:
+    return str(next(model.parameters()).device)
+
+
 class Workbench:
+    """Model, tokenizer, calibration batches and cached statistics of one profile.
+
+    Device and dtype come from the `device` argument, else the profile's `device` / `dtype` keys, else the loader's
+    defaults (CUDA when available; float32 on CPU, bfloat16 on a GPU)."""
+
     def __init__(self, profile: str | dict = "cpu", progress: bool = True, device: str | None = None):
         from ..evaluation.model_ref import hash_state_dict
         from ..io.data import load_texts, token_batches
@@ -136,6 +154,7 @@ class Workbench:
         self.progress = progress
         p = self.profile
         t0 = time.perf_counter()
+        device = device or p.get("device")
         self.model, self.tokenizer = load_model(p["model"], dtype=p.get("dtype"), device=device)
         c = p["calibration"]
         self.texts = load_texts(c["source"], self.tokenizer, c["samples"], seed=c.get("seed", 0), chat=c.get("chat", "auto"))
@@ -148,6 +167,8 @@ class Workbench:
         self._stores: dict[tuple[Run, ...], Calibration] = {}
         weakref.finalize(self, _close_all, self._stores)
         self.persist_stores = bool(p.get("persist_activation_stores", True))
+        # temporary (not persisted) store sets alive in this workbench and its siblings: at most one at a time
+        self._temporary: list[tuple[dict, tuple[Run, ...]]] = []
         self.setup_seconds = time.perf_counter() - t0
 
     # --- other calibration data on the same model ------------------------------------------------
@@ -232,6 +253,8 @@ class Workbench:
             if all(kept.values()):
                 self._stores[key] = Calibration(stores=kept)
             else:
+                if not self.persist_stores:
+                    self._release_temporary()
                 missing_ls = [run for run in runs if not _ls_path(self.stats_dir, run).exists()]
                 captured = calibrate(self.model, self.batches, ls_runs=missing_ls, store_runs=runs, store_columns=("M", "R", "Y"),
                                      progress=self.progress, desc=f"capture activations ({len(runs)} runs)")
@@ -240,8 +263,22 @@ class Workbench:
                 if self.persist_stores:
                     for run, store in captured.stores.items():
                         store.persist(self._store_path(run))
+                else:
+                    self._temporary.append((self._stores, key))
                 self._stores[key] = captured
         return dict(self._stores[key].stores)
+
+    def _release_temporary(self) -> None:
+        """Delete the temporary store sets of this workbench and its siblings before a new capture.
+
+        Without persistence a store is tokens × 3d × 4 bytes of scratch disk (22 GB for 8k samples × 1024 tokens at
+        d = 576, ~140 GB at d = 4096); keeping every set a notebook touches would add them up. Consecutive variants on
+        the same runs still share one capture; going back to earlier runs captures them again (one forward pass)."""
+        while self._temporary:
+            stores, key = self._temporary.pop()
+            calibration = stores.pop(key, None)
+            if calibration is not None:
+                calibration.close()
 
     def _store_path(self, run: Run) -> Path:
         return self.stats_dir / f"store-{run.start}-{run.n}"
@@ -271,9 +308,10 @@ class Workbench:
         from ..evaluation.runner import DEFAULT_BACKEND, evaluate
 
         spec = {**self.profile["eval"][suite], **overrides}
+        # scored where it lives: without a device lm-eval's wrapper would move a host model to CUDA (in place)
         return evaluate(model, tokenizer=self.tokenizer, tasks=spec["tasks"], limit=spec.get("limit"),
                         batch_size=spec.get("batch_size", 16), source=spec.get("source", "auto"), progress=self.progress,
-                        backend=spec.get("backend", DEFAULT_BACKEND))
+                        backend=spec.get("backend", DEFAULT_BACKEND), device=_model_device(model))
 
     def heldout_texts(self) -> list[str]:
         from ..io.data import heldout_texts
@@ -285,7 +323,8 @@ class Workbench:
         from ..evaluation.perplexity import perplexity
 
         p = self.profile["perplexity"]
-        return perplexity(model, self.tokenizer, self.heldout_texts(), max_length=p["max_length"], batch_size=p["batch_size"])["ppl"]
+        return perplexity(model, self.tokenizer, self.heldout_texts(), max_length=p["max_length"], batch_size=p["batch_size"],
+                          device=_model_device(model))["ppl"]
 
     def describe(self) -> str:
         c = self.calibration_info

@@ -82,15 +82,15 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, dev
 
     from ..assets import resolve_model
 
-    if name_or_path in TINY_MODELS:
-        model, tokenizer = tiny_random_model(name_or_path)
-        return model.to(device or "cpu"), tokenizer
-    source = resolve_model(str(name_or_path))
     device = device or default_device()
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if name_or_path in TINY_MODELS:
+        model, tokenizer = tiny_random_model(name_or_path, dtype=dtype or torch.float32)
+        return model.to(device), tokenizer
+    source = resolve_model(str(name_or_path))
     dtype = dtype or default_dtype(device)
     is_local = Path(source).is_dir()
     check_hub_model(source)
