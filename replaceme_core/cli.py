@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--start", default=None, help="0-based first removed block (comma-separated, one per transform); block start-1 keeps its place and receives T. Default: chosen by --selection")
     g.add_argument("--num-transforms", type=int, default=1, help="split the removal into K runs, each with its own T (default 1)")
     g.add_argument("--separated", action="store_true", help="runs may not touch (the paper's Multi_LT_NC); otherwise touching runs merge into one")
-    g.add_argument("--selection", choices=("angular", "bi"), default="angular", help="angular: argmin angular distance (paper); bi: ShortGPT Block Influence")
+    g.add_argument("--selection", choices=("angular", "bi", "ls-residual"), default="angular",
+                   help="angular: argmin angular distance (paper); bi: ShortGPT Block Influence; ls-residual: the run whose "
+                        "LS fit has the lowest residual on held-out calibration tokens (every other batch held out)")
     g.add_argument("--distance-tokens", choices=("last", "all"), default="last", help="tokens the distance averages over (last: as the official code)")
     g = p.add_argument_group("how to estimate T")
     g.add_argument("--method", choices=("ls", "cosine", "cosine-exact", "mse", "uidl"), default="ls",

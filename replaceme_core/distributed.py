@@ -120,6 +120,9 @@ def prune_distributed(
     if config.method not in ("ls", "uidl"):
         raise ValueError(f"data-parallel calibration supports the closed-form methods (ls, uidl), not {config.method!r}: "
                          "the iterative solvers need the activations themselves; run them in one process")
+    if config.selection == "ls-residual" and config.start is None:
+        raise ValueError("ls-residual selection holds out every other batch of one process's order; under torchrun the "
+                         "held-out set would depend on the number of ranks: select in one process, then pass --start")
     rank, _ = world()
     adapter = get_adapter(model)
     num_layers, d = adapter.num_layers, adapter.hidden_size

@@ -19,12 +19,14 @@ from torch import nn
 from .arch import Adapter, FoldError, get_adapter
 from .capture import Activations, _input_device, run_capture
 from .merge import Replacement, apply_replacements
-from .select import Run, choose_by_block_influence, choose_runs, merge_touching, run_scores, validate_run
+from .select import Run, choose_by_block_influence, choose_runs, ls_residual_scores, merge_touching, run_scores, validate_run
 from .solve import STRUCTURES, IterativeConfig, check_choice, columns_for, solve_closed_form, solve_iterative
 from .stats import ActivationStore, DistanceStats, LSStats
 
 METHODS = ("ls", "cosine", "cosine-exact", "mse", "uidl")
-SELECTIONS = ("angular", "bi")
+SELECTIONS = ("angular", "bi", "ls-residual")
+#: ls-residual selection: every HOLDOUT_EVERY-th calibration batch is held out to score each candidate's LS fit
+HOLDOUT_EVERY = 2
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Calibration:
 
     distances: DistanceStats | None = None
     ls: dict[Run, LSStats] = field(default_factory=dict)
+    ls_heldout: dict[Run, LSStats] = field(default_factory=dict)  # sums over the held-out batches only (ls-residual)
     stores: dict[Run, ActivationStore] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
@@ -58,12 +61,19 @@ def calibrate(
     store_columns: tuple[str, ...] = ("M", "R"),
     stats_device=None,
     store_dir=None,
+    heldout_runs: Iterable[Run] = (),
     progress: bool = True,
     desc: str = "calibration pass",
 ) -> Calibration:
-    """One forward pass over `batches` collecting everything asked for (real tokens only)."""
+    """One forward pass over `batches` collecting everything asked for (real tokens only).
+
+    For the `heldout_runs` (a subset of `ls_runs`), `ls_heldout` also gets the sums of every HOLDOUT_EVERY-th batch
+    alone; `ls` always covers every batch."""
     adapter = get_adapter(model)
     ls_runs, store_runs = list(dict.fromkeys(ls_runs)), list(dict.fromkeys(store_runs))
+    heldout_runs = list(dict.fromkeys(heldout_runs))
+    if set(heldout_runs) - set(ls_runs):
+        raise ValueError("calibrate(): every held-out run must also be among ls_runs")
     for run in ls_runs + store_runs:
         validate_run(run, adapter.num_layers)
     device = _stats_device(model, stats_device)
@@ -79,6 +89,7 @@ def calibrate(
     result = Calibration(
         distances=DistanceStats(adapter.num_layers, device) if distances else None,
         ls={run: LSStats(d, device) for run in ls_runs},
+        ls_heldout={run: LSStats(d, device) for run in heldout_runs},
         stores={run: ActivationStore(store_columns, d, directory=store_dir) for run in store_runs},
     )
     runs_by_kept: dict[int, list[Run]] = defaultdict(list)
@@ -88,7 +99,11 @@ def calibrate(
     # float64 copies only of the blocks the LS sums and stores use; distances work in float32
     f64_blocks = {b for run in ls_runs + store_runs for b in (run.kept, run.last)}
 
+    batch_index = [0]
+
     def consume(acts: Activations) -> None:
+        held_out = batch_index[0] % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        batch_index[0] += 1
         if result.distances is not None:
             order = range(adapter.num_layers)
             result.distances.update([acts.real(acts.block_out[i]) for i in order], "all")
@@ -99,7 +114,8 @@ def calibrate(
             M = mlp[kept]
             MtM = M.T @ M
             for run in runs:
-                result.ls[run].update(M, real[run.last] - real[kept] + M, MtM=MtM)
+                sums = result.ls_heldout[run] if held_out and run in result.ls_heldout else result.ls[run]
+                sums.update(M, real[run.last] - real[kept] + M, MtM=MtM)
         for run, store in result.stores.items():
             M = mlp[run.kept]
             Y = real[run.kept] - M
@@ -117,6 +133,8 @@ def calibrate(
         raise
     for store in result.stores.values():
         store.finish()
+    for run, held in result.ls_heldout.items():  # `ls` covers every token: add the held-out part back
+        result.ls[run].merge_(held)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -131,7 +149,7 @@ class PruneConfig:
     start: int | list[int] | None = None  # 0-based first removed block(s); None: choose by `selection`
     num_transforms: int = 1
     separated: bool = False  # multi-transform runs must not touch (the paper's Multi_LT_NC)
-    selection: str = "angular"  # angular (paper, UIDL) | bi (ShortGPT Block Influence)
+    selection: str = "angular"  # angular (paper, UIDL) | bi (ShortGPT Block Influence) | ls-residual (held-out LS fit)
     distance_tokens: str = "last"  # last (the official code) | all
     ridge: float = 0.0
     optimizer: str = "adam"
@@ -169,6 +187,8 @@ class PruneConfig:
                 f"--num-blocks ({self.num_blocks}) must be a positive multiple of --num-transforms ({self.num_transforms}): "
                 "each transform replaces the same number of blocks"
             )
+        if self.selection == "ls-residual" and self.method == "uidl":
+            raise ValueError("ls-residual selection scores a fitted T; UIDL fits none: use selection 'angular'")
         if self.method in ("cosine", "cosine-exact", "mse"):
             if self.structure == "orthonormal":
                 raise ValueError("orthonormal T is a closed form: use method 'ls' with structure 'orthonormal'")
@@ -260,11 +280,26 @@ def prune(
     calib = Calibration()
     borrowed: dict[Run, ActivationStore] = {}  # the caller's stores: used, never closed here
     if calibration is not None:
-        calib = Calibration(distances=calibration.distances, ls=dict(calibration.ls), tokens=calibration.tokens)
+        calib = Calibration(distances=calibration.distances, ls=dict(calibration.ls), ls_heldout=dict(calibration.ls_heldout),
+                            tokens=calibration.tokens)
         borrowed = dict(calibration.stores)
     dist = calib.distances
     if config.start is not None:
         runs = _explicit_runs(config, num_layers)
+    elif config.selection == "ls-residual":
+        candidates = [Run(s, config.run_length) for s in range(1, num_layers - config.run_length + 1)]
+        if not all(r in calib.ls_heldout and r in calib.ls for r in candidates):
+            need_gb = len(candidates) * 4 * d * d * 8 / 2**30  # all-token and held-out sums, two d×d each
+            if need_gb > config.one_pass_budget_gb:
+                raise ValueError(f"ls-residual selection keeps the LS sums of all {len(candidates)} candidate runs twice "
+                                 f"({need_gb:.1f} GB > one_pass_budget_gb {config.one_pass_budget_gb}): raise the budget "
+                                 "or give --start")
+            calib = calibrate(model, batches, distances=True, ls_runs=candidates, heldout_runs=candidates,
+                              stats_device=stats_device, progress=progress, desc="distances + LS sums (with held-out)")
+            timings["selection_pass_s"] = calib.seconds
+        dist = calib.distances
+        scores = ls_residual_scores(calib.ls, {r: calib.ls_heldout[r] for r in candidates}, config.structure, config.ridge)
+        runs = choose_runs(scores, config.run_length, config.num_transforms, separated=config.separated)
     elif dist is not None:
         runs, scores = select_runs(config, dist, num_layers)
     else:
@@ -302,7 +337,7 @@ def prune(
         for run in runs:
             info = {"start": run.start, "n": run.n, "kept_block": run.kept, "removed_blocks": run.removed}
             if run.start in scores and run.n == config.run_length:
-                info["distance"] = scores[run.start]
+                info["heldout_relative_residual" if config.selection == "ls-residual" else "distance"] = scores[run.start]
             T = None
             if needs_ls:
                 T = solve_closed_form(calib.ls[run], config.structure, config.ridge)

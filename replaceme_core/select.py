@@ -1,4 +1,5 @@
-"""Which blocks to remove: the paper's argmin-distance rule, several runs, and ShortGPT's Block Influence.
+"""Which blocks to remove: the paper's argmin-distance rule, several runs, ShortGPT's Block Influence, and the run
+whose least-squares fit is best on held-out calibration tokens.
 
 Indices are 0-based and refer to the original model. A `Run(start, n)` removes blocks
 start … start+n−1; block start−1 stays and receives T. Hence start ≥ 1: block 0 has no kept block
@@ -10,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .solve import solve_closed_form
+from .stats import LSStats
 
 
 @dataclass(frozen=True, order=True)
@@ -104,6 +108,19 @@ def choose_by_block_influence(cosine: torch.Tensor, num_blocks: int) -> list[Run
     validate_run(Run(1, num_blocks), cosine.shape[0])
     picked = sorted(sorted(bi, key=lambda i: (bi[i], i))[:num_blocks])
     return merge_touching([Run(i, 1) for i in picked])
+
+
+def ls_residual_scores(ls: dict[Run, LSStats], heldout: dict[Run, LSStats], structure: str = "full",
+                       ridge: float = 0.0) -> dict[int, float]:
+    """score[start] = relative residual ‖M T − R‖² / ‖R‖² on held-out calibration tokens of the T fitted (closed form)
+    on the other tokens: how well one linear map would replace the run, measured where it was not fitted.
+
+    `ls[run]` holds the sums of all calibration tokens, `heldout[run]` those of the held-out subset."""
+    scores = {}
+    for run, held in heldout.items():
+        T = solve_closed_form(ls[run].minus(held), structure, ridge)
+        scores[run.start] = held.relative_residual(T)
+    return scores
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:

@@ -62,6 +62,15 @@ class LSStats:
         self.tokens += other.tokens
         return self
 
+    def minus(self, other: "LSStats") -> "LSStats":
+        """The sums of the tokens in `self` but not in `other` (a subset of them): e.g. all tokens minus held-out ones."""
+        out = LSStats(self.d, self.device)
+        out.MtM = self.MtM - other.MtM.to(self.device)
+        out.MtR = self.MtR - other.MtR.to(self.device)
+        out.RtR = self.RtR - other.RtR.to(self.device)
+        out.tokens = self.tokens - other.tokens
+        return out
+
     def all_reduce_(self) -> "LSStats":
         """Sum over all processes of a torch.distributed group (no-op when not distributed)."""
         for t in (self.MtM, self.MtR, self.RtR):

@@ -171,3 +171,10 @@ def test_an_unreachable_hub_id_fails_fast_with_one_line(tmp_path, monkeypatch, c
         err = capsys.readouterr().err.strip()
         assert time.perf_counter() - t0 < 10
         assert len(err.splitlines()) == 1 and "hub is unreachable" in err and "no-such-org/no-such-model" in err
+
+
+def test_prune_with_ls_residual_selection(tiny_dir, calib_file, tmp_path):
+    out = tmp_path / "lsres"
+    assert cli.main(_prune_args(tiny_dir, calib_file, out, "--selection", "ls-residual")) == 0
+    run = json.loads((out / "replaceme.json").read_text())["runs"][0]
+    assert 0 <= run["heldout_relative_residual"] and "distance" not in run

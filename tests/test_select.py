@@ -170,3 +170,71 @@ def test_explicit_touching_starts_merge_unless_separated():
     with pytest.raises(ValueError, match="one start block per transform"):
         prune(build_model("llama"), calib_batches(), PruneConfig(num_blocks=2, start=[1], num_transforms=2),
               progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# ls-residual: the run whose least-squares fit is best on held-out calibration tokens
+# --------------------------------------------------------------------------------------------
+def _rows(model, batches, kept, last):
+    """M_kept and R = L_last − Y_kept on real tokens (Y = L − M), from conftest's own hooks, pad rows dropped."""
+    from conftest import record
+
+    Ms, Rs = [], []
+    for b in batches:
+        L, M = record(model, "llama", b, blocks=sorted({kept, last}))
+        mask = b["attention_mask"].bool()
+        Ms.append(M[kept][mask])
+        Rs.append(L[last][mask] - (L[kept][mask] - M[kept][mask]))
+    return torch.cat(Ms), torch.cat(Rs)
+
+
+def _heldout_residual_by_hand(model, batches, run):
+    """Fit T by lstsq on batches 0, 2, … and score it on batches 1, 3, … (HOLDOUT_EVERY = 2)."""
+    from replaceme_core.prune import HOLDOUT_EVERY
+
+    assert HOLDOUT_EVERY == 2
+    M_fit, R_fit = _rows(model, batches[0::2], run.kept, run.last)
+    M_held, R_held = _rows(model, batches[1::2], run.kept, run.last)
+    T = torch.linalg.lstsq(M_fit, R_fit).solution
+    return float(((M_held @ T - R_held) ** 2).sum() / (R_held ** 2).sum())
+
+
+def test_ls_residual_scores_equal_a_hand_fit_scored_on_held_out_batches():
+    from replaceme_core.prune import calibrate
+    from replaceme_core.select import ls_residual_scores
+
+    model, batches = build_model("llama"), calib_batches(seed=3, n_batches=4)
+    runs = [Run(s, 2) for s in range(1, 4)]  # every candidate of the 5-block model
+    cal = calibrate(model, batches, ls_runs=runs, heldout_runs=runs, progress=False)
+    plain = calibrate(model, batches, ls_runs=runs, progress=False)
+    for run in runs:  # `ls` still covers every token
+        assert cal.ls[run].tokens == plain.ls[run].tokens
+        assert torch.allclose(cal.ls[run].MtM, plain.ls[run].MtM, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(cal.ls[run].MtR, plain.ls[run].MtR, rtol=1e-10, atol=1e-10)
+    assert cal.ls_heldout[runs[0]].tokens == sum(int(b["attention_mask"].sum()) for b in batches[1::2])
+    scores = ls_residual_scores(cal.ls, cal.ls_heldout)
+    for run in runs:
+        assert scores[run.start] == pytest.approx(_heldout_residual_by_hand(model, batches, run), rel=1e-6)
+    assert len(set(round(v, 6) for v in scores.values())) == len(runs)  # the rule can tell the runs apart here
+
+
+def test_prune_with_ls_residual_picks_the_best_held_out_fit_and_fits_on_every_token():
+    model, batches = build_model("llama"), calib_batches(seed=3, n_batches=4)
+    by_hand = {s: _heldout_residual_by_hand(model, batches, Run(s, 2)) for s in range(1, 4)}
+    res = prune(build_model("llama"), batches, PruneConfig(num_blocks=2, selection="ls-residual"), progress=False)
+    best = min(by_hand, key=by_hand.get)
+    assert res.runs == [Run(best, 2)]
+    assert res.record["runs"][0]["heldout_relative_residual"] == pytest.approx(by_hand[best], rel=1e-6)
+    explicit = prune(build_model("llama"), batches, PruneConfig(num_blocks=2, start=best), progress=False)
+    # the final T is fitted on every token (the sums are added in another order: equal to rounding)
+    assert torch.allclose(res.replacements[0].T, explicit.replacements[0].T, rtol=1e-9, atol=1e-9)
+
+
+def test_ls_residual_needs_a_fitted_map_and_one_process():
+    with pytest.raises(ValueError, match="UIDL fits none"):
+        prune(build_model("llama"), calib_batches(), PruneConfig(num_blocks=2, method="uidl", selection="ls-residual"),
+              progress=False)
+    from replaceme_core.distributed import prune_distributed
+
+    with pytest.raises(ValueError, match="select in one process"):
+        prune_distributed(build_model("llama"), calib_batches(), PruneConfig(num_blocks=2, selection="ls-residual"))
