@@ -511,7 +511,9 @@ def test_backend_is_part_of_the_cache_key(model, tok):
     ours = ev.evaluate(model, tok, tasks=["piqa"], limit=2, progress=False, backend="replaceme")
     assert not ours["tasks"]["piqa"]["cached"] and ours["tasks"]["piqa"]["cache_key"] != hf["tasks"]["piqa"]["cache_key"]
     assert ours["config"]["backend"] == "replaceme" and hf["config"]["backend"] == "hf"
-    assert ours["tasks"]["piqa"]["per_doc"] == hf["tasks"]["piqa"]["per_doc"]
+    a, b = ours["tasks"]["piqa"]["per_doc"], hf["tasks"]["piqa"]["per_doc"]
+    assert {k: v for k, v in a.items() if k != "margin"} == {k: v for k, v in b.items() if k != "margin"}
+    assert a["margin"] == pytest.approx(b["margin"], abs=1e-3)  # log-likelihoods agree to float rounding
     with pytest.raises(ValueError, match="unknown evaluation backend"):
         ev.evaluate(model, tok, tasks=["piqa"], limit=2, progress=False, backend="vllm")
 
@@ -532,3 +534,27 @@ def test_log_samples_writes_lm_evals_records_also_from_the_cache(model, tok, tmp
     assert all(r["cached"] for r in again["tasks"].values())
     for f in (tmp_path / "a").iterdir():
         assert (tmp_path / "b" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_gold_margins_are_recorded_and_agree_with_accuracy(model, tok, tmp_path, monkeypatch):
+    import lm_eval
+
+    res = ev.evaluate(model, tok, tasks=["piqa", "arc_easy", "lambada_openai"], limit=3, progress=False,
+                      log_samples=tmp_path)
+    for task, name in (("piqa", "piqa_local"), ("arc_easy", "arc_easy_local")):
+        per_doc = res["tasks"][task]["per_doc"]
+        records = [json.loads(line) for line in (tmp_path / f"samples_{name}.jsonl").read_text().splitlines()]
+        for rec, margin, acc in zip(sorted(records, key=lambda r: r["doc_id"]), per_doc["margin"], per_doc["acc"]):
+            lls = [float(r[0]) for r in rec["filtered_resps"]]
+            gold = int(rec["target"])
+            assert margin == pytest.approx(lls[gold] - max(x for j, x in enumerate(lls) if j != gold), abs=1e-12)
+            assert (margin > 0) == (acc == 1.0)
+    assert "margin" not in res["tasks"]["lambada_openai"]["per_doc"]  # one continuation: no distractor
+    # an entry without a field the caller needs is scored again; with it, served from the cache
+    def miss(**kw):
+        raise LookupError("cache miss")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", miss)
+    assert ev.evaluate(model, tok, tasks=["piqa"], limit=3, progress=False, per_doc_fields=["margin"])["tasks"]["piqa"]["cached"]
+    with pytest.raises(LookupError, match="cache miss"):
+        ev.evaluate(model, tok, tasks=["lambada_openai"], limit=3, progress=False, per_doc_fields=["margin"])

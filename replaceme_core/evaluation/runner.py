@@ -65,6 +65,22 @@ def _split_metrics(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def gold_margin(sample: Mapping[str, Any]) -> float | None:
+    """A multiple-choice document's continuous score: the gold answer's log-likelihood minus the best distractor's
+    (> 0 exactly when `acc` is 1, barring ties). It separates two models on far fewer documents than the 0/1 accuracy.
+    None where the gold index is not a plain choice index (e.g. WinoGrande's several contexts)."""
+    resps = sample.get("filtered_resps")
+    gold = sample.get("target")
+    if isinstance(gold, str) and gold.strip().isdigit():
+        gold = int(gold)
+    if not isinstance(resps, list) or len(resps) < 2 or not isinstance(gold, int) or isinstance(gold, bool):
+        return None
+    if not 0 <= gold < len(resps):
+        return None
+    lls = [float(r[0]) for r in resps]
+    return lls[gold] - max(ll for j, ll in enumerate(lls) if j != gold)
+
+
 def _per_doc(samples: Sequence[Mapping[str, Any]], metrics: Iterable[str]) -> dict[str, list]:
     rows = sorted(samples, key=lambda s: s["doc_id"])
     out: dict[str, list] = {"doc_id": [int(s["doc_id"]) for s in rows]}
@@ -75,6 +91,9 @@ def _per_doc(samples: Sequence[Mapping[str, Any]], metrics: Iterable[str]) -> di
                 out["loglikelihood"] = [float(v) for v in vals]
             elif all(isinstance(v, (int, float, bool)) for v in vals):
                 out[m] = [float(v) for v in vals]
+    margins = [gold_margin(s) for s in rows]
+    if rows and all(m is not None for m in margins):
+        out["margin"] = margins
     return out
 
 
@@ -98,6 +117,8 @@ def _extract(res: Mapping[str, Any], bench: str, lm_name: str, num_fewshot: int)
             for k, v in pd.items():
                 per_doc.setdefault(k, []).extend(v)
             per_doc["subtask"].extend([t] * len(pd["doc_id"]))
+        # a field some subtask lacks (e.g. no margin) would no longer line up with the documents: drop it
+        per_doc = {k: v for k, v in per_doc.items() if len(v) == len(per_doc["doc_id"])}
     else:
         per_doc = _per_doc(samples, metric_names)
     nsamp = res.get("n-samples", {})
@@ -192,6 +213,7 @@ def evaluate(
     bootstrap_iters: int = 1000,
     backend: str = DEFAULT_BACKEND,
     log_samples: str | Path | None = None,
+    per_doc_fields: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Score `model` on lm-eval tasks; see the module docstring for sources, few-shot and caching.
 
@@ -202,6 +224,8 @@ def evaluate(
     backend: "replaceme" (shared contexts, head only where scored; same numbers, several times faster) or "hf"
     (lm-eval's plain HFLM). It is part of the cache key: the two agree to float rounding, not bit for bit, and a
     side-by-side comparison must never read the other backend's results.
+    per_doc_fields: per-document fields the caller needs (e.g. "margin", the gold log-likelihood margin of multiple-choice
+    documents); a cached result without them — scored before they were recorded — is scored again.
     log_samples: a directory; lm-eval's own per-sample records are written there, one `samples_<task>.jsonl` per
     lm-eval task (as lm-eval's CLI writes them, without its timestamp in the name). Cached tasks keep their records
     in the cache, so a re-run writes the same files without scoring again.
@@ -210,7 +234,8 @@ def evaluate(
       "tasks": {bench: {"task": lm-eval name, "source": "local"|"hub", "metric", "value", "stderr",
                         "n": documents scored, "num_fewshot", "metrics": every lm-eval metric (name -> value,
                         "<m>_stderr" too), "per_doc": {"doc_id": [...], "<metric>": [0/1 ...] (acc, acc_norm),
-                        "loglikelihood": [...] for LAMBADA, "subtask": [...] for MMLU}, "cached": bool,
+                        "loglikelihood": [...] for LAMBADA, "margin": [...] (gold_margin) for
+                        multiple-choice tasks, "subtask": [...] for MMLU}, "cached": bool,
                         "cache_key"}},
       "avg_acc": paper Avg-acc over the AVG_ACC_TASKS present (None if none), "avg_acc_tasks": [...],
       "avg_acc_missing": [...], "lambada_ppl": LAMBADA perplexity (only if it ran), "lambada_acc",
@@ -276,10 +301,12 @@ def evaluate(
             continue
         if use_cache and p.is_file():
             try:
-                out_tasks[b] = dict(json.loads(p.read_text()), cached=True)
-                continue
+                entry = json.loads(p.read_text())
             except (OSError, json.JSONDecodeError):
-                pass
+                entry = None  # a corrupted entry is recomputed
+            if entry is not None and all(f in entry.get("per_doc", {}) for f in per_doc_fields):
+                out_tasks[b] = dict(entry, cached=True)
+                continue
         todo.append(b)
 
     # ---- run lm-eval for the misses, one call per few-shot count
