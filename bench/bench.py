@@ -1,11 +1,13 @@
 """`make bench`: cost of compression and speed of the result, as ratios measured side by side in one run.
 
-    python bench/bench.py [--quick] [--out bench/RESULTS.md]
+    python bench/bench.py [--quick] [--out bench/RESULTS.md] [--only eval] [--eval-limit N]
 
 Every ratio compares two things timed in the same process, interleaved (A B A B …, best of the repetitions),
 so machine noise cancels as far as it can; absolute times are reported for scale only and never gated on.
 Peak RSS is measured in a fresh subprocess per configuration (VmHWM from /proc/self/status), so
 configurations do not contaminate each other. Results: bench/RESULTS.md (+ bench/results.json), written atomically.
+Section 7 (evaluation backend, bench/eval_backend.py) runs in its own process; `--only eval` runs just that section
+and merges it into the existing results.
 """
 from __future__ import annotations
 
@@ -371,6 +373,39 @@ def yes(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
+def bench_eval(limit: int) -> dict:
+    """7: the evaluation backend (bench/eval_backend.py), in a fresh process: its own memory, threads and timings."""
+    with tempfile.TemporaryDirectory(prefix="replaceme-bench-eval-") as work:
+        out = Path(work) / "eval.json"
+        proc = subprocess.run([sys.executable, str(HERE / "eval_backend.py"), "--limit", str(limit), "--json", str(out)],
+                              stdout=subprocess.DEVNULL, check=False)  # its progress goes to our stderr; the table is rendered here
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench/eval_backend.py --limit {limit} failed (exit {proc.returncode})")
+        return json.loads(out.read_text())
+
+
+def eval_summary_rows(R: dict) -> list[str]:
+    if "eval_backend" not in R:
+        return []
+    from eval_backend import BASELINES, NAMES, TARGET
+
+    E = R["eval_backend"]
+    rows = []
+    for i, base in enumerate(BASELINES):
+        fr = [M["overall"]["frac_bound"][base] for M in E["models"].values()]
+        rows.append(f"| 7{'b' * i} | eval requests/s, ours ÷ {NAMES[base]}, ÷ its compute bound ({'; '.join(E['models'])}) | "
+                    f"{'; '.join(f'{x:.0%}' for x in fr)} | ≥ {TARGET:.0%} | {yes(E['target_met'][base])} |")
+    return rows
+
+
+def eval_section(R: dict) -> list[str]:
+    if "eval_backend" not in R:
+        return []
+    from eval_backend import render_section
+
+    return render_section(R["eval_backend"], number=7)
+
+
 def render(R: dict) -> str:
     m, c, cos, sw, sp, sc = R["machine"], R["cost"], R["cosine"], R["sweep"], R["speed"], R["scaling"]
     off = c["official"]
@@ -399,6 +434,7 @@ def render(R: dict) -> str:
         f"| 5 | pruned prefill speedup ÷ ideal {sp['layers'][0]}/{sp['layers'][1]} = {sp['ideal']:.3f} | {sp['prefill_frac_ideal']:.1%} | ≥ 95% | {yes(sp['prefill_frac_ideal'] >= 0.95)} |",
         f"| 5b | pruned decode speedup ÷ ideal | {sp['decode_frac_ideal']:.1%} | report | — |",
         f"| 6 | capture memory vs calibration tokens (fitted exponent of peak RSS) | {sc['axes']['tokens']['peak_rss_exponent']:.3f} | ≈ 0 | {yes(abs(sc['axes']['tokens']['peak_rss_exponent']) < 0.1)} |",
+        *eval_summary_rows(R),
         "",
         "## 1. Compression cost vs the physical limit", "",
         f"Bare forward = `model.model(...)` under `torch.no_grad()` over the same batches (all 30 blocks, no LM head): "
@@ -474,6 +510,7 @@ def render(R: dict) -> str:
         "float64 sums; batches are fixed-size); time and memory ∝ d² (weights, Gram matrices) at large d; time ∝ L and memory "
         "∝ L (one more block to run, one more candidate run of Gram sums per layer).",
         "",
+        *eval_section(R),
         "## Beyond one device", "",
         "Data-parallel calibration (`replaceme_core/distributed.py`, `torchrun --nproc_per_node W -m replaceme_core.distributed …`) "
         "and model-parallel capture through accelerate are described in [SCALE.md](SCALE.md); both are tested on CPU "
@@ -491,16 +528,40 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def only_eval(out: Path, limit: int) -> int:
+    """Section 7 alone, merged into the last full run's results (or, without one, a file holding only section 7)."""
+    previous = out.with_suffix(".json")
+    R = json.loads(previous.read_text()) if previous.is_file() else {}
+    R["eval_backend"] = bench_eval(limit)
+    write_atomic(out.with_suffix(".json"), json.dumps(R, indent=2, default=str) + "\n")
+    if "cost" in R:
+        text = render(R)
+    else:
+        text = "\n".join(["# Benchmarks", "", "Only section 7 has been run (`bench/bench.py --only eval`).", "",
+                          *eval_section(R)])
+    write_atomic(out, text)
+    log(f"wrote {out} (section 7 only, {time.perf_counter() - T0:.0f} s)")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run of the script, not a measurement)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["all", "eval"], default="all",
+                   help="eval: run only section 7 (evaluation backend) and put it into the existing RESULTS.json/.md, "
+                        "the other sections kept from their last run")
+    p.add_argument("--eval-limit", type=int, default=None, help="documents per task for section 7 (default 100; 5 with --quick)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    out = Path(args.out)
+    eval_limit = args.eval_limit or (5 if args.quick else 100)
+    if args.only == "eval":
+        return only_eval(out, eval_limit)
     from replaceme_core.assets import resolve_model
 
     sizes = {"samples": 8, "max_length": 160, "reps": 1, "cos_samples": 8, "sweep_samples": 8} if args.quick else \
@@ -520,9 +581,9 @@ def main() -> int:
     R["sweep"] = bench_sweep(model, sweep_batches, [4, 8, 11, 15])
     R["cosine"] = bench_cosine(sizes["cos_samples"], sizes["max_length"])
     R["scaling"] = bench_scaling(args.quick)
+    R["eval_backend"] = bench_eval(eval_limit)
     R["wall_s"] = time.perf_counter() - T0
     R["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
     write_atomic(out.with_suffix(".json"), json.dumps(R, indent=2, default=str) + "\n")
     write_atomic(out, render(R))
     log(f"wrote {out} ({R['wall_s']:.0f} s)")
