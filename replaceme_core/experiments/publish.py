@@ -16,6 +16,8 @@ from ..io.cache import atomic_write_text
 KEEP_FORMATS = ("image/png", "text/markdown", "text/html", "text/plain")
 #: a printed stream longer than this is cut (with a note) — long logs belong in build/, not on the page.
 MAX_STREAM_LINES = 60
+#: printed lines that only say what ran (lm-eval's progress on stdout): absent when a result came from the cache
+NOISE_PREFIXES = ("bootstrapping for stddev:",)
 _VOLATILE_CELL_KEYS = ("papermill", "execution", "collapsed", "scrolled")
 
 
@@ -38,7 +40,9 @@ def _clean_output(out: dict, replace: dict[str, str]) -> dict | None:
     if kind == "stream":
         if out.get("name") != "stdout":
             return None  # stderr: progress bars, warnings, timings
-        lines = _lines(_swap("".join(_lines(out["text"])), replace))
+        lines = [ln for ln in _lines(_swap("".join(_lines(out["text"])), replace)) if not ln.startswith(NOISE_PREFIXES)]
+        if not lines:
+            return None
         if len(lines) > MAX_STREAM_LINES:
             cut = len(lines) - MAX_STREAM_LINES
             lines = lines[:MAX_STREAM_LINES] + [f"… ({cut} more lines in the executed copy under build/notebooks/)\n"]
@@ -55,6 +59,19 @@ def _clean_output(out: dict, replace: dict[str, str]) -> dict | None:
     if kind == "error":
         return {k: out[k] for k in ("output_type", "ename", "evalue", "traceback") if k in out}
     return None
+
+
+def _merge_streams(outputs: list[dict]) -> list[dict]:
+    """stderr dropped and consecutive stdout chunks joined: how the kernel splits a cell's prints depends on timing."""
+    merged: list[dict] = []
+    for o in outputs:
+        if o.get("output_type") == "stream" and o.get("name") != "stdout":
+            continue  # stderr: progress bars, warnings, timings
+        if o.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream":
+            merged[-1] = {**merged[-1], "text": "".join(_lines(merged[-1]["text"])) + "".join(_lines(o["text"]))}
+        else:
+            merged.append(o)
+    return merged
 
 
 def _swap(text: str, replace: dict[str, str]) -> str:
@@ -75,7 +92,7 @@ def publish(executed: str | Path, out: str | Path, replace: dict[str, str] | Non
             cell.get("metadata", {}).pop(key, None)
         cell["source"] = _lines(_swap("".join(_lines(cell.get("source", ""))), replace))
         if cell.get("cell_type") == "code":
-            outs = (_clean_output(o, replace) for o in cell.get("outputs", []))
+            outs = (_clean_output(o, replace) for o in _merge_streams(cell.get("outputs", [])))
             cell["outputs"] = [o for o in outs if o is not None]
     meta = nb.get("metadata", {})
     for key in ("papermill", "widgets"):
