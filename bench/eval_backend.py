@@ -33,9 +33,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
+
+from replaceme_core.evaluation import shared_context
 
 MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 TASKS = ("arc_easy", "piqa", "sciq", "hellaswag", "lambada_openai")  # the cpu profile's main suite
@@ -77,19 +78,6 @@ def build_requests(benches, limit: int | None, seed: int = 0) -> dict[str, tuple
         task.build_all_requests(limit=limit, rank=0, world_size=1)
         out[b] = (task, list(task.instances))
     return out
-
-
-def hflm_token_pairs(lm, reqs) -> list[tuple[list[int], list[int]]]:
-    """HFLM's own (context, continuation) tokens of the requests, captured where it hands them to the scorer."""
-    captured = []
-
-    def capture(token_requests, **_):
-        captured.extend((ctx, cont) for _, ctx, cont in token_requests)
-        return [(0.0, False)] * len(token_requests)
-
-    with mock.patch.object(lm, "_loglikelihood_tokens", capture):
-        lm.loglikelihood(reqs, disable_tqdm=True)
-    return captured
 
 
 # ------------------------------------------------------------------------------------------------ counts
@@ -233,7 +221,7 @@ def bench_model(name: str, limit: int | None, benches, batch_size: int) -> dict:
     tasks = {}
     try:
         for b, (task, reqs) in requests.items():
-            pairs = hflm_token_pairs(lms["hflm"], reqs)
+            pairs = shared_context.hflm_token_pairs(lms["hflm"], reqs)
             counts, colliding = token_counts(pairs, max_length), colliding_flags(pairs)
             seconds = {k: [] for k in BACKENDS}
             results, ran = {}, {}

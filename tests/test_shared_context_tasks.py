@@ -18,12 +18,12 @@ max |Δ loglikelihood| and the count of HFLM-default mis-scores.
 from __future__ import annotations
 
 import logging
-from unittest import mock
 
 import pytest
 import torch
 
 from replaceme_core.assets.cli import _status
+from replaceme_core.evaluation import shared_context
 
 MODEL = "smollm2-135m-instruct"
 N_DOCS = 4  # documents per task: every task type and prompt shape is covered, and the file stays under ~90 s
@@ -43,19 +43,6 @@ def configure_like_simple_evaluate(task, num_fewshot: int, seed: int = 0) -> Non
     if task.get_config("num_fewshot") != 0:
         task.set_config(key="num_fewshot", value=num_fewshot)
     task.set_fewshot_seed(seed=seed)
-
-
-def hflm_token_pairs(lm, reqs) -> list[tuple[list[int], list[int]]]:
-    """HFLM's own (context, continuation) tokens of the requests, captured where it hands them to the scorer."""
-    captured = []
-
-    def capture(token_requests, **_):
-        captured.extend((ctx, cont) for _, ctx, cont in token_requests)
-        return [(0.0, False)] * len(token_requests)
-
-    with mock.patch.object(lm, "_loglikelihood_tokens", capture):
-        lm.loglikelihood(reqs, disable_tqdm=True)
-    return captured
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +135,7 @@ def test_hflm_default_differs_only_on_colliding_requests(scores, requests_by_ben
     ref_lm = backends["reference"]
     counts = {}
     for bench, reqs in requests_by_bench.items():
-        pairs = hflm_token_pairs(ref_lm, reqs)
+        pairs = shared_context.hflm_token_pairs(ref_lm, reqs)
         longest = {}
         for ctx, cont in pairs:
             key = tuple(ctx + cont[:-1])

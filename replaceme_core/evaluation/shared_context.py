@@ -327,6 +327,24 @@ class SharedContextHFLM(HFLM):
         return [windows[0]] * (max(counts) - len(windows))
 
 
+def hflm_token_pairs(lm: HFLM, requests) -> list[tuple[list[int], list[int]]]:
+    """HFLM's own (context, continuation) tokens of lm-eval requests, captured where it hands them to its scorer
+    (nothing is scored): what both backends see, for counting tokens and comparing requests."""
+    captured: list[tuple[list[int], list[int]]] = []
+
+    def capture(token_requests, **_):
+        captured.extend((context, continuation) for _, context, continuation in token_requests)
+        return [(0.0, False)] * len(token_requests)
+
+    original = lm._loglikelihood_tokens
+    lm._loglikelihood_tokens = capture
+    try:
+        lm.loglikelihood(requests, disable_tqdm=True)
+    finally:
+        lm._loglikelihood_tokens = original
+    return captured
+
+
 # `python -m` runs this file as `__main__`; registering there as well would put a second class under the name.
 if __name__ == "__main__":
     import importlib
