@@ -122,12 +122,23 @@ def test_requests_cover_the_edge_cases(tokenizer):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_loglikelihood_matches_hflm(family, dtype, tokenizer):
+def test_loglikelihood_matches_hflm(family, dtype, tokenizer, monkeypatch):
+    """Both scoring paths, packed rows (where the family allows them) and prefill + continuations, give HFLM's."""
     model = build_model(family, dtype=dtype)
     requests = loglikelihood_requests()
     ref = lm(HFLM, model, tokenizer, batch_size=8).loglikelihood(requests, disable_tqdm=True)
-    got = lm(SharedContextHFLM, model, tokenizer, batch_size=4).loglikelihood(requests, disable_tqdm=True)
-    assert_same(ref, got, TOL[dtype])
+    ours = lm(SharedContextHFLM, model, tokenizer, batch_size=4)
+    paths = {"packed": 0, "two-phase": 0}
+    for name, method in [("packed", "_score_packed"), ("two-phase", "_score_chunk")]:
+        original = getattr(ours, method)
+        monkeypatch.setattr(ours, method, lambda chunk, _f=original, _n=name, **kw: (
+            paths.__setitem__(_n, paths[_n] + 1), _f(chunk, **kw))[1])
+    assert_same(ref, ours.loglikelihood(requests, disable_tqdm=True), TOL[dtype])
+    assert (paths["packed"] > 0) == (family != "falcon_alibi")  # alibi derives its biases from a 2D mask
+    ours.packed_model_types = frozenset()
+    paths.update({"packed": 0, "two-phase": 0})
+    assert_same(ref, ours.loglikelihood(requests, disable_tqdm=True), TOL[dtype])
+    assert paths["packed"] == 0 and paths["two-phase"] > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -165,10 +176,13 @@ def test_each_context_once_and_head_only_where_scored(tokenizer):
     model = build_model("llama")
     pairs = set(hflm_tokens(lm(HFLM, model, tokenizer), requests))
     contexts = {c for c, _ in pairs}
-    expected_block = sum(len(c) - 1 for c in contexts) + sum(len(x) for _, x in pairs)
-    expected_head = sum(len(x) for _, x in pairs)
+    # two-phase: each context but its last token once, then [context[-1]] + continuation[:-1] per continuation
+    two_phase = (sum(len(c) - 1 for c in contexts) + sum(len(x) for _, x in pairs), sum(len(x) for _, x in pairs))
+    # packed: each context once, then continuation[:-1]; the context's last position is read by all its continuations
+    packed = (sum(len(c) for c in contexts) + sum(len(x) - 1 for _, x in pairs),
+              len(contexts) + sum(len(x) - 1 for _, x in pairs))
 
-    def count(cls, batch_size):
+    def count(cls, batch_size, **attrs):
         block, head = [0], [0]
 
         def on_block(_m, args, kwargs):
@@ -181,17 +195,21 @@ def test_each_context_once_and_head_only_where_scored(tokenizer):
         handles = [blocks_of(model, "llama")[0].register_forward_pre_hook(on_block, with_kwargs=True),
                    model.get_output_embeddings().register_forward_pre_hook(on_head)]
         try:
-            lm(cls, model, tokenizer, batch_size=batch_size).loglikelihood(requests, disable_tqdm=True)
+            scorer = lm(cls, model, tokenizer, batch_size=batch_size)
+            for name, value in attrs.items():
+                setattr(scorer, name, value)
+            scorer.loglikelihood(requests, disable_tqdm=True)
         finally:
             for h in handles:
                 h.remove()
         return block[0], head[0]
 
-    block, head = count(SharedContextHFLM, batch_size=1)  # batch 1: no padding, so counts are exact
-    assert (block, head) == (expected_block, expected_head)
-    assert count(SharedContextHFLM, batch_size=8)[1] == expected_head  # gathered: padding never reaches the head
+    assert count(SharedContextHFLM, batch_size=1) == packed  # batch 1: no padding, so counts are exact
+    assert count(SharedContextHFLM, batch_size=8)[1] == packed[1]  # gathered: padding never reaches the head
+    assert count(SharedContextHFLM, batch_size=1, packed_model_types=frozenset()) == two_phase
+    assert count(SharedContextHFLM, batch_size=8, packed_model_types=frozenset())[1] == two_phase[1]
     hf_block, hf_head = count(HFLM, batch_size=1)
-    assert block < hf_block and head < hf_head
+    assert packed[0] < two_phase[0] < hf_block and packed[1] < two_phase[1] < hf_head
 
 
 def test_colliding_requests_match_unbatched_hflm(tokenizer):

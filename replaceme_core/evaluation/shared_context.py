@@ -58,6 +58,11 @@ HEAD_ONLY_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "gemma3_text"}
 )
 
+# Families checked (tests/test_shared_context.py) to take a custom 4D attention mask with explicit positions as-is.
+PACKED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "gemma3_text"}
+)
+
 # Any valid embedding index: padded positions are masked out and never scored.
 PAD_ID = 0
 # Scored positions per head call: bounds the positions x vocabulary logits (262k wide for Gemma 3).
@@ -76,6 +81,11 @@ class ContextGroup:
 
     def add(self, continuation: tuple[int, ...], request_index: int) -> None:
         self.continuations.setdefault(continuation, []).append(request_index)
+
+    @property
+    def packed_length(self) -> int:
+        """Length of the group as one packed sequence: the context, then every continuation but its last token."""
+        return len(self.tokens) + sum(len(c) - 1 for c in self.continuations)
 
     @property
     def sort_key(self):
@@ -133,6 +143,66 @@ def pad(seqs: list[tuple[int, ...]], side: str, device) -> tuple[torch.Tensor, t
     return ids.to(device), mask.to(device)
 
 
+@dataclass
+class PackedBatch:
+    """Groups as packed rows: `context + c1[:-1] + c2[:-1] + ...`, each continuation's segment seeing the context
+    and itself only, at the positions it would have right after the context. The first token of every continuation
+    is predicted at the context's last position, so that position goes through the head once for all of them."""
+
+    ids: torch.Tensor          # (rows, width), right-padded
+    positions: torch.Tensor    # (rows, width); padding repeats the row's last position
+    segments: torch.Tensor     # (rows, width): 0 context, k > 0 the k-th continuation's segment, -1 padding
+    head_at: torch.Tensor      # (positions, 2): (row, column) of every position whose logits are needed
+    token_head: torch.Tensor   # per scored token: its row in `head_at`
+    token_target: torch.Tensor  # per scored token: the token id it must predict
+    token_owner: torch.Tensor  # per scored token: the index of its continuation in `owners`
+    owners: list[list[int]]    # per continuation: the request indices asking for it
+
+    def attention(self) -> torch.Tensor:
+        """(rows, 1, width, width) bool, True where a query may attend to a key: causal, and within the context or
+        its own segment. Padding queries see the context (no all-masked row, so no NaN anywhere)."""
+        cols = torch.arange(self.ids.shape[1], device=self.ids.device)
+        seg_q, seg_k = self.segments[:, :, None], self.segments[:, None, :]
+        allowed = (cols[:, None] >= cols[None, :]) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+        return allowed[:, None]
+
+
+def packed_batch(groups: list[ContextGroup], device) -> PackedBatch:
+    width = max(g.packed_length for g in groups)
+    ids = torch.full((len(groups), width), PAD_ID, dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    segments = torch.full((len(groups), width), -1, dtype=torch.long)
+    head_at, token_head, token_target, token_owner, owners = [], [], [], [], []
+    for row, group in enumerate(groups):
+        n_ctx = len(group.tokens)
+        ids[row, :n_ctx] = torch.as_tensor(group.tokens)
+        positions[row, :n_ctx] = torch.arange(n_ctx)
+        segments[row, :n_ctx] = 0
+        context_head = len(head_at)
+        head_at.append((row, n_ctx - 1))
+        col = n_ctx
+        for seg, (cont, requests) in enumerate(group.continuations.items(), start=1):
+            n = len(cont) - 1
+            ids[row, col:col + n] = torch.as_tensor(cont[:-1], dtype=torch.long)
+            positions[row, col:col + n] = torch.arange(n_ctx, n_ctx + n)
+            segments[row, col:col + n] = seg
+            owner = len(owners)
+            owners.append(requests)
+            token_head.append(context_head)
+            token_target.append(cont[0])
+            token_owner.append(owner)
+            for j in range(n):  # position col + j predicts cont[j + 1]
+                token_head.append(len(head_at))
+                head_at.append((row, col + j))
+                token_target.append(cont[j + 1])
+                token_owner.append(owner)
+            col += n
+        positions[row, col:] = positions[row, col - 1]
+    as_long = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return PackedBatch(ids.to(device), positions.to(device), segments.to(device), as_long(head_at),
+                       as_long(token_head), as_long(token_target), as_long(token_owner), owners)
+
+
 def per_row(picked: torch.Tensor, greedy: torch.Tensor, scored: torch.Tensor) -> list[tuple[float, bool]]:
     """(sum of a row's target log-probs, all of them greedy) per row; summed in the log-prob dtype, as HFLM does."""
     logprob = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device)
@@ -156,6 +226,7 @@ class SharedContextHFLM(HFLM):
     """``HFLM`` whose log-likelihoods run each distinct context once and the LM head only on scored positions."""
 
     head_only_model_types = HEAD_ONLY_MODEL_TYPES
+    packed_model_types = PACKED_MODEL_TYPES
 
     # ---- log-likelihood ------------------------------------------------------------------------------------------
 
@@ -169,9 +240,15 @@ class SharedContextHFLM(HFLM):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0),
                     desc="Running loglikelihood requests (shared contexts)")
+        groups = group_by_context(requests, self.max_length)
+        packed = [g for g in groups if self._packable(g)]
+        two_phase = [g for g in groups if not self._packable(g)]
+        packed.sort(key=lambda g: -g.packed_length)  # as HFLM sorts: rows of similar length, little padding
+        batches = [(self._score_packed, packed[i:i + rows]) for i in range(0, len(packed), rows)]
+        batches += [(functools.partial(self._score_chunk, rows=rows), chunk) for chunk in pack(two_phase, rows)]
         with self._inference():
-            for chunk in pack(group_by_context(requests, self.max_length), rows):
-                for owners, answer in self._score_chunk(chunk, rows):
+            for score, chunk in batches:
+                for owners, answer in score(chunk):
                     for i in owners:
                         results[i] = answer
                         if requests[i][0] is not None:
@@ -194,6 +271,55 @@ class SharedContextHFLM(HFLM):
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             yield
+
+    def _packable(self, group: ContextGroup) -> bool:
+        """One packed sequence gives HFLM's numbers when the model takes a custom 4D mask with explicit positions
+        (`PACKED_MODEL_TYPES`, sdpa or eager attention), its head can be split off, the packed row fits the
+        context window, and a sliding window (if any) never binds (one mask then serves full and sliding layers)."""
+        config = self.model.config
+        if getattr(config, "model_type", None) not in self.packed_model_types or getattr(config, "alibi", False):
+            return False
+        if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager") or self._split_head() is None:
+            return False
+        if group.packed_length > self.max_length:
+            return False
+        window = getattr(config, "sliding_window", None)
+        last_position = len(group.tokens) + max(map(len, group.continuations)) - 2
+        return window is None or last_position < window
+
+    def _score_packed(self, groups: list[ContextGroup]):
+        """Yield (request indices, (loglikelihood, is_greedy)) for every continuation of the packed groups."""
+        batch = packed_batch(groups, self.device)
+        base, head = self._split_head()
+        allowed = batch.attention()
+        if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+            dtype = next(base.parameters()).dtype
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        states = base(input_ids=batch.ids, attention_mask=allowed, position_ids=batch.positions,
+                      use_cache=False).last_hidden_state
+        hidden = states[batch.head_at[:, 0].to(states.device), batch.head_at[:, 1].to(states.device)]
+        picked, greedy = self._token_scores(hidden, batch.token_head, batch.token_target,
+                                            functools.partial(self._head, head))
+        owner = batch.token_owner.to(picked.device)
+        total = torch.zeros(len(batch.owners), dtype=picked.dtype, device=picked.device).index_add_(0, owner, picked)
+        misses = torch.zeros(len(batch.owners), dtype=torch.long, device=picked.device).index_add_(
+            0, owner, (~greedy).long())
+        yield from zip(batch.owners, zip(total.tolist(), (misses == 0).tolist()))
+
+    def _token_scores(self, hidden: torch.Tensor, token_head: torch.Tensor, targets: torch.Tensor, head):
+        """(target log-prob, target is the argmax) per scored token, where token i reads the head's output at
+        `hidden[token_head[i]]`; HEAD_CHUNK positions through the head at a time, log-softmax in `softmax_dtype`."""
+        token_head, targets = token_head.to(hidden.device), targets.to(hidden.device)
+        picked, greedy = [], []
+        for s in range(0, hidden.shape[0], HEAD_CHUNK):
+            logprobs = F.log_softmax(head(hidden[s:s + HEAD_CHUNK]), dim=-1, dtype=self.softmax_dtype)
+            here = (token_head >= s) & (token_head < s + HEAD_CHUNK)
+            rows, t = (token_head[here] - s).to(logprobs.device), targets[here].to(logprobs.device)
+            picked.append((here.nonzero().squeeze(-1), logprobs[rows, t]))
+            greedy.append(logprobs[rows].argmax(-1) == t)
+        order = torch.cat([i for i, _ in picked]).argsort()  # chunks cover the tokens in head order: restore theirs
+        return torch.cat([v for _, v in picked])[order.to(picked[0][1].device)], torch.cat(greedy)[order.to(greedy[0].device)]
 
     def _score_chunk(self, chunk: list[ContextGroup], rows: int):
         """Yield (request indices, (loglikelihood, is_greedy)) for every continuation of the chunk's contexts."""
