@@ -7,9 +7,13 @@ only the continuation positions are read. Both dominate evaluation time on small
 
 ``SharedContextHFLM`` (registered in lm-eval as ``replaceme``) is an ``HFLM`` that returns the same numbers faster:
 
-* requests are grouped by their context tokens; each distinct context ``c`` goes through the blocks once
-  (``c[:-1]``, left-padded with explicit positions, ``use_cache=True``), and its KV cache is repeated across its
-  continuations, which are then run as ``[c[-1]] + continuation[:-1]`` (right-padded);
+* requests are grouped by their context tokens, and each distinct context ``c`` goes through the blocks once. Where
+  the family takes a custom 4D attention mask (``PACKED_MODEL_TYPES``, sdpa or eager attention, no binding sliding
+  window), a group is one *packed* row ``c + x1[:-1] + x2[:-1] + ...``: every continuation's segment attends to the
+  context and to itself, at the positions it would have right after ``c``, and the first token of every
+  continuation is read from ``c``'s last position, so one forward pass scores the whole group, rows sorted by length
+  as HFLM sorts them. Otherwise (and for alibi models) ``c[:-1]`` is prefilled (left-padded, explicit positions,
+  ``use_cache=True``) and its KV cache repeated across the continuations, run as ``[c[-1]] + continuation[:-1]``;
 * the base model (``model.base_model``) returns hidden states, and the head (``get_output_embeddings()``, then the
   family's final logit soft-capping) is applied only to the gathered scored positions;
 * tokenisation is ``HFLM``'s own (``loglikelihood`` and ``_encode_pair`` are inherited, including the empty-context
