@@ -91,6 +91,7 @@ class Claim:
     evidence: str
     verdict: str  # held | not held | inconclusive
     uncertainty: str = ""
+    id: str = ""  # the claim's id in the claims register (resources/claims.yaml)
 
 
 def verdict_from_interval(lo: float, hi: float, expect_positive: bool = True) -> str:
@@ -101,7 +102,7 @@ def verdict_from_interval(lo: float, hi: float, expect_positive: bool = True) ->
 
 
 def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
-    return pd.DataFrame([asdict(c) for c in claims], columns=["claim", "ref", "evidence", "verdict", "uncertainty"])
+    return pd.DataFrame([asdict(c) for c in claims], columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty"])
 
 
 def relative_performance(value: float, baseline: float) -> float:
@@ -135,8 +136,10 @@ def _aligned(a: dict, b: dict, task: str, key: str | None = None) -> tuple[np.nd
     return va[ia], vb[ib]
 
 
-def accuracy_difference(a: dict, b: dict, tasks: Sequence[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over tasks of (accuracy of a − accuracy of b), with a 95% bootstrap interval.
+def accuracy_difference(a: dict, b: dict, tasks: Sequence[str], n_boot: int = 2000, seed: int = 0,
+                        key: str | None = None) -> tuple[float, float, float]:
+    """Mean over tasks of (accuracy of a − accuracy of b), with a 95% bootstrap interval; with `key` another
+    per-document score (e.g. "margin", the gold answer's log-likelihood margin over the best distractor).
 
     Documents are resampled within each task (paired: the same documents for a and b), so the interval
     reflects how many documents were scored — the dominant uncertainty of a small-budget run.
@@ -144,12 +147,38 @@ def accuracy_difference(a: dict, b: dict, tasks: Sequence[str], n_boot: int = 20
     rng = np.random.default_rng(seed)
     diffs, boots = [], np.zeros(n_boot)
     for task in tasks:
-        va, vb = _aligned(a, b, task)
+        va, vb = _aligned(a, b, task, key)
         d = va - vb
         diffs.append(d.mean())
         boots += d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
     boots /= len(tasks)
     return float(np.mean(diffs)), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def margin_difference(a: dict, b: dict, tasks: Sequence[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over tasks of the paired per-document difference of gold-answer margins (nats), 95% bootstrap."""
+    return accuracy_difference(a, b, tasks, n_boot=n_boot, seed=seed, key="margin")
+
+
+def retained_fraction(a: dict, base: dict, tasks: Sequence[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean accuracy of `a` over the tasks ÷ that of `base` (RP), with a 95% bootstrap resampling documents within
+    each task, paired (the same documents for both)."""
+    rng = np.random.default_rng(seed)
+    num, den = np.zeros(n_boot), np.zeros(n_boot)
+    point_num = point_den = 0.0
+    for task in tasks:
+        va, vb = _aligned(a, base, task)
+        idx = rng.integers(0, va.size, size=(n_boot, va.size))
+        num += va[idx].mean(axis=1)
+        den += vb[idx].mean(axis=1)
+        point_num, point_den = point_num + va.mean(), point_den + vb.mean()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boots = num / den
+    boots = boots[np.isfinite(boots)]
+    point = point_num / point_den if point_den else float("nan")
+    if boots.size == 0:
+        return float(point), float("nan"), float("nan")
+    return float(point), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def log_perplexity_ratio(a: dict, b: dict, task: str = "lambada_openai", n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:

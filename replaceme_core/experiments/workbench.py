@@ -311,7 +311,8 @@ class Workbench:
         # scored where it lives: without a device lm-eval's wrapper would move a host model to CUDA (in place)
         return evaluate(model, tokenizer=self.tokenizer, tasks=spec["tasks"], limit=spec.get("limit"),
                         batch_size=spec.get("batch_size", 16), source=spec.get("source", "auto"), progress=self.progress,
-                        backend=spec.get("backend", DEFAULT_BACKEND), device=_model_device(model))
+                        backend=spec.get("backend", DEFAULT_BACKEND), device=_model_device(model),
+                        per_doc_fields=spec.get("per_doc_fields", ("margin",)))
 
     def heldout_texts(self) -> list[str]:
         from ..io.data import heldout_texts

@@ -1,0 +1,208 @@
+"""The claims register: every paper claim a notebook checks, with its test declared before any number is seen.
+
+`replaceme_core/resources/claims.yaml` lists each claim once: its id, the notebook that checks it, the paper's
+reference and numbers, the statistic (paired over the same documents or tokens), and the test. A notebook only
+*measures*: it hands the register the estimate and its 95% interval (`Register.check`), and the register decides
+the verdict from the declared test. A test or margin may change only with a `reason:` written beside it.
+
+Tests (`test.kind`), on the statistic's own scale; `test.value` (``null`` below) is the no-effect value (0 for a
+difference, 1 for a ratio) or the claimed level:
+
+* ``greater`` / ``less``: held when the interval lies entirely above / below ``null``, not held when it lies
+  entirely on the other side, inconclusive when it contains ``null``;
+* ``non_inferior`` ("at least as good", margin m, larger is better; ``not_worse_lower`` for lower-is-better): held
+  when the interval lies above ``null - m`` (below ``null + m``), not held when it lies entirely beyond that bound;
+* ``equivalent`` (margin m): held when the interval lies within ``null ± m``, not held when it lies entirely outside
+  it, inconclusive otherwise;
+* ``at_least`` / ``at_most`` (a threshold ``null``): the same reading as greater / less, for a claimed level
+  (e.g. "keeps 90% of the accuracy": the interval of the retained fraction against 0.90).
+
+A deterministic quantity (a fitted residual, a count) has no sampling noise: pass ``lo = hi = estimate``.
+
+`write_claims_page` assembles figures/CLAIMS.md from the notebooks' claims_*.csv files and the register: every
+claim with its verdict, interval, notebook and table, a count at the top, and the register's claims that no
+notebook checked in this run.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ..io.cache import atomic_write_text
+
+VERDICTS = ("held", "not held", "inconclusive")
+KINDS = ("greater", "less", "at_least", "at_most", "non_inferior", "not_worse_lower", "equivalent")
+
+
+class RegisterError(ValueError):
+    """The register (or a notebook's use of it) is malformed."""
+
+
+@dataclass(frozen=True)
+class ClaimSpec:
+    id: str
+    notebook: str
+    claim: str
+    ref: str
+    statistic: str
+    kind: str
+    null: float = 0.0
+    margin: float = 0.0
+    paper: str = ""
+    files: tuple[str, ...] = ()
+    headline: bool = False
+    reason: str = ""
+
+    def decide(self, lo: float, hi: float) -> str:
+        """The verdict of the declared test for a 95% interval [lo, hi]."""
+        if any(math.isnan(x) for x in (lo, hi)):
+            return "inconclusive"
+        lo, hi = min(lo, hi), max(lo, hi)
+        k, c, m = self.kind, self.null, self.margin
+        if k in ("greater", "at_least"):
+            return "held" if lo > c else ("not held" if hi < c else "inconclusive")
+        if k in ("less", "at_most"):
+            return "held" if hi < c else ("not held" if lo > c else "inconclusive")
+        if k == "non_inferior":
+            return "held" if lo > c - m else ("not held" if hi < c - m else "inconclusive")
+        if k == "not_worse_lower":
+            return "held" if hi < c + m else ("not held" if lo > c + m else "inconclusive")
+        # equivalent
+        return "held" if (lo > c - m and hi < c + m) else ("not held" if (lo > c + m or hi < c - m) else "inconclusive")
+
+    def test_text(self) -> str:
+        bound = {"greater": f"> {self.null:g}", "less": f"< {self.null:g}", "at_least": f"≥ {self.null:g}",
+                 "at_most": f"≤ {self.null:g}", "non_inferior": f"> {self.null - self.margin:g} (margin {self.margin:g})",
+                 "not_worse_lower": f"< {self.null + self.margin:g} (margin {self.margin:g})",
+                 "equivalent": f"within {self.null:g} ± {self.margin:g}"}[self.kind]
+        return bound
+
+
+@dataclass
+class Register:
+    claims: dict[str, ClaimSpec] = field(default_factory=dict)
+
+    def check(self, claim_id: str, estimate: float, lo: float, hi: float, evidence: str = "",
+              interval: str | None = None, notebook: str | None = None):
+        """The register's verdict on one measured claim, as a report.Claim row (id, claim, ref, evidence, verdict,
+        uncertainty). `interval` overrides the printed interval (e.g. a ratio shown as ×); `notebook`, when given,
+        must be the claim's own."""
+        from .report import Claim
+
+        spec = self.spec(claim_id)
+        if notebook is not None and notebook != spec.notebook:
+            raise RegisterError(f"claim {claim_id!r} belongs to notebook {spec.notebook}, not {notebook}")
+        verdict = spec.decide(float(lo), float(hi))
+        if interval is None:
+            interval = "exact" if lo == hi else f"95% CI [{lo:+.3g}, {hi:+.3g}]"
+        return Claim(claim=spec.claim, ref=spec.ref, evidence=evidence or f"{spec.statistic} = {estimate:+.3g}",
+                     verdict=verdict, uncertainty=f"{interval}; test {spec.test_text()}", id=claim_id)
+
+    def spec(self, claim_id: str) -> ClaimSpec:
+        if claim_id not in self.claims:
+            raise RegisterError(f"claim {claim_id!r} is not in the register (replaceme_core/resources/claims.yaml): "
+                                "declare it there, with its test, before checking it")
+        return self.claims[claim_id]
+
+    def of_notebook(self, notebook: str) -> list[ClaimSpec]:
+        return [c for c in self.claims.values() if c.notebook == notebook]
+
+
+def parse_register(entries: list[dict], where: str = "claims.yaml") -> Register:
+    reg = Register()
+    for i, e in enumerate(entries):
+        missing = {"id", "notebook", "claim", "ref", "statistic", "test"} - set(e)
+        if missing:
+            raise RegisterError(f"{where}: entry {i} ({e.get('id', '?')}) lacks {sorted(missing)}")
+        test = dict(e["test"])
+        kind = test.pop("kind", None)
+        if kind not in KINDS:
+            raise RegisterError(f"{where}: claim {e['id']}: test kind {kind!r} is not one of {', '.join(KINDS)}")
+        if kind in ("non_inferior", "not_worse_lower", "equivalent") and not test.get("margin"):
+            raise RegisterError(f"{where}: claim {e['id']}: a {kind} test needs a positive margin")
+        unknown = set(test) - {"value", "margin"}
+        if unknown:
+            raise RegisterError(f"{where}: claim {e['id']}: unknown test keys {sorted(unknown)}")
+        if e["id"] in reg.claims:
+            raise RegisterError(f"{where}: claim id {e['id']!r} appears twice")
+        files = e.get("files", ())
+        reg.claims[e["id"]] = ClaimSpec(
+            id=e["id"], notebook=e["notebook"], claim=e["claim"], ref=e["ref"], statistic=e["statistic"], kind=kind,
+            null=float(test.get("value", 0.0)), margin=float(test.get("margin", 0.0)), paper=str(e.get("paper", "")),
+            files=tuple([files] if isinstance(files, str) else files), headline=bool(e.get("headline", False)),
+            reason=str(e.get("reason", "")))
+    return reg
+
+
+@functools.lru_cache(maxsize=1)
+def load_register() -> Register:
+    root = resources.files("replaceme_core.resources")
+    entries = list(yaml.safe_load(root.joinpath("claims.yaml").read_text()) or [])
+    fragments = root.joinpath("claims.d")  # TEMPORARY while notebooks are converted; merged into claims.yaml
+    if fragments.is_dir():
+        for f in sorted(fragments.iterdir(), key=lambda x: x.name):
+            if f.name.endswith(".yaml"):
+                entries += list(yaml.safe_load(f.read_text()) or [])
+    return parse_register(entries)
+
+
+def collect(figures: str | Path) -> pd.DataFrame:
+    """Every claims_*.csv row the notebooks wrote, with its notebook (from the file name)."""
+    frames = []
+    for path in sorted(Path(figures).glob("claims_*.csv")):
+        df = pd.read_csv(path)
+        df["notebook"] = path.stem.removeprefix("claims_")
+        df["table"] = path.with_suffix(".md").name
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty", "notebook", "table"])
+
+
+def counts(df: pd.DataFrame) -> dict[str, int]:
+    return {v: int((df["verdict"] == v).sum()) for v in VERDICTS}
+
+
+def write_claims_page(figures: str | Path = "figures", register: Register | None = None) -> Path:
+    """figures/CLAIMS.md: the count, the headline claims, then every claim by notebook; register claims not run."""
+    register = register or load_register()
+    df = collect(figures)
+    n = len(df)
+    c = counts(df)
+    share = (lambda k: f"{c[k] / n:.0%}") if n else (lambda k: "–")
+    lines = ["# Claims register: what holds on this run", "",
+             f"**{n} claims checked: {c['held']} held ({share('held')}), {c['not held']} not held ({share('not held')}), "
+             f"{c['inconclusive']} inconclusive ({share('inconclusive')}).**", "",
+             "Each claim's statistic and test are declared in `replaceme_core/resources/claims.yaml` before the run; "
+             "the notebooks measure, the register decides. Intervals are 95% (paired bootstrap over the same "
+             "documents or tokens unless the row says otherwise).", ""]
+
+    def row(r) -> str:
+        spec = register.claims.get(r.get("id"))
+        ref = spec.ref if spec else r["ref"]
+        nb = r["notebook"]
+        return (f"| {r['claim']} | {ref} | {r['evidence']} | **{r['verdict']}** | {r['uncertainty']} | "
+                f"[`{nb}`](notebooks/{nb}.ipynb), [table]({r['table']}) |")
+
+    header = ["| claim | paper | evidence | verdict | interval; test | notebook |", "|---|---|---|---|---|---|"]
+    headline_ids = {k for k, s in register.claims.items() if s.headline}
+    head = df[df["id"].isin(headline_ids)] if "id" in df else df.iloc[:0]
+    if len(head):
+        lines += ["## Headline claims", "", *header, *(row(r) for _, r in head.iterrows()), ""]
+    for nb, group in df.groupby("notebook", sort=True):
+        k = counts(group)
+        lines += [f"## {nb} — {k['held']} held, {k['not held']} not held, {k['inconclusive']} inconclusive", "",
+                  *header, *(row(r) for _, r in group.iterrows()), ""]
+    checked = set(df["id"]) if "id" in df else set()
+    missing = [s for s in register.claims.values() if s.id not in checked]
+    if missing:
+        lines += ["## In the register, not checked by this run", "",
+                  *(f"- `{s.id}` ({s.notebook}): {s.claim}" for s in missing), ""]
+    path = Path(figures) / "CLAIMS.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
