@@ -18,8 +18,10 @@ def _add_calibration_args(p: argparse.ArgumentParser, required: bool = True) -> 
     g.add_argument("--max-length", type=int, default=512, help="truncate each sample to this many tokens (default 512)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration set and for iterative solvers (default 0)")
-    g.add_argument("--chat", choices=("auto", "never"), default="auto",
-                   help="render instruction data with the tokenizer's chat template (auto) or as plain text (never)")
+    g.add_argument("--chat", choices=("auto", "never", "keep-system"), default="auto",
+                   help="render instruction data with the tokenizer's chat template (auto; a default system turn the "
+                        "template inserts is dropped, as the paper's Llama-3 template inserts none), the same keeping "
+                        "that turn (keep-system), or as plain text (never)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

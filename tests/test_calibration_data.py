@@ -175,6 +175,8 @@ def test_self_generated_texts_follow_calibration_order(tiny, tmp_path, monkeypat
     assert len(texts) == n and info["generated"] == sum(1 for L in lengths if L < 200)
     for p, t, ref in zip(prompts, texts, reference):
         head = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        head = data.strip_default_system(tok, [{"role": "user", "content": p}], head, add_generation_prompt=True)
+        assert head.startswith("<|im_start|>user\n")  # the template's inserted system turn is gone, as in the texts
         assert t.startswith(head) and ref.startswith(head)  # same prompt, same place, same rendering
     # prompts too long to leave room for an answer were not generated for: identical calibration tokens anyway
     for L, t, p in zip(lengths, texts, prompts):

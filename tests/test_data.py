@@ -43,11 +43,46 @@ def test_instruction_corpus_uses_chat_template(tok):
     recs = {r["prompt"]: r["response"] for r in assets.corpus("natural-instructions", "train")}
     for t in texts:
         assert "<|im_start|>user\nDefinition:" in t and "<|im_start|>assistant\n" in t
-    # exactly what the template makes for [user, assistant]
+    # what the template makes for [user, assistant], without the default system turn it inserts on its own
     prompt = next(p for p in recs if p in texts[0])
     want = tok.apply_chat_template([{"role": "user", "content": prompt},
                                     {"role": "assistant", "content": recs[prompt]}], tokenize=False)
-    assert texts[0] == want
+    default_turn = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert want.startswith(default_turn) and texts[0] == want[len(default_turn):]
+    kept = data.load_texts("natural-instructions", tok, 4, seed=3, chat="keep-system")
+    assert kept[0] == want
+
+
+# Jinja templates in the styles of real ones: ChatML with an inserted default (SmolLM2, Qwen2.5), a BOS plus a
+# header-style inserted system turn (Llama-3.1), and one that inserts nothing (Llama-3).
+CHATML_DEFAULT = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDefault helper.<|im_end|>\n{% endif %}"
+                  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+HEADER_DEFAULT = ("<|begin_of_text|>{% if messages[0]['role'] != 'system' %}<|start_header_id|>system<|end_header_id|>"
+                  "\n\nCutting Knowledge Date: 2023<|eot_id|>{% endif %}{% for m in messages %}<|start_header_id|>"
+                  "{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}")
+HEADER_PLAIN = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                "{{ m['content'] }}<|eot_id|>{% endfor %}")
+
+
+@pytest.mark.parametrize("template, expected", [
+    (CHATML_DEFAULT, "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nA.<|im_end|>\n"),
+    (HEADER_DEFAULT, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\nA.<|eot_id|>"),
+    (HEADER_PLAIN, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\nA.<|eot_id|>"),
+])
+def test_inserted_default_system_turn_is_dropped(tok, template, expected):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = template
+    assert data.render_pair("Q?", "A.", t) == expected
+    kept = data.render_pair("Q?", "A.", t, chat="keep-system")
+    assert kept == t.apply_chat_template([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
+                                         tokenize=False)
+    # an explicit system message is the user's: never removed
+    with_system = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}]
+    assert data.render_messages(with_system, t) == t.apply_chat_template(with_system, tokenize=False)
 
 
 def test_plain_fallback_and_chat_never(tok, plain_tok):
@@ -132,9 +167,8 @@ def test_hub_slimorca_formatting(monkeypatch, tok):
     monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)
     t = data.load_texts("Open-Orca/SlimOrca", tok, 2, seed=123)
     assert calls[0] == ("Open-Orca/SlimOrca", None, "train")
-    assert t[0] == tok.apply_chat_template([{"role": "user", "content": "Translate 'chat' to English."},
-                                            {"role": "assistant", "content": "Cat."}], tokenize=False)
-    assert "You are an AI assistant." not in t[0]  # dataset system prompt dropped
+    assert t[0] == "<|im_start|>user\nTranslate 'chat' to English.<|im_end|>\n<|im_start|>assistant\nCat.<|im_end|>\n"
+    assert "You are an AI assistant." not in t[0]  # dataset system prompt dropped (and the template's default)
     assert "Is the sky blue?" in t[1] and "Yes." in t[1] and "Rayleigh" not in t[1]  # first pair only
     assert t == data.load_texts("slimorca", tok, 2, seed=999)  # first N, no shuffling
     mix = data.load_texts("fineweb_and_orca", tok, 4)

@@ -67,6 +67,10 @@ PACKED_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "gemma3_text"}
 )
 
+# Padded tokens per packed forward on a CPU (bench/eval_backend.py, SmolLM2-135M, 2 cores: 4 rows of SciQ's ~300 tokens
+# ran 2x slower than 1-2, 16 rows of ARC's ~45 tokens 1.4x slower than 4).
+CPU_PACKED_TOKENS = 512
+
 # Any valid embedding index: padded positions are masked out and never scored.
 PAD_ID = 0
 # Scored positions per head call: bounds the positions x vocabulary logits (262k wide for Gemma 3).
@@ -248,7 +252,7 @@ class SharedContextHFLM(HFLM):
         packed = [g for g in groups if self._packable(g)]
         two_phase = [g for g in groups if not self._packable(g)]
         packed.sort(key=lambda g: -g.packed_length)  # as HFLM sorts: rows of similar length, little padding
-        batches = [(self._score_packed, packed[i:i + rows]) for i in range(0, len(packed), rows)]
+        batches = [(self._score_packed, chunk) for chunk in self._packed_batches(packed, rows)]
         batches += [(functools.partial(self._score_chunk, rows=rows), chunk) for chunk in pack(two_phase, rows)]
         with self._inference():
             for score, chunk in batches:
@@ -290,6 +294,20 @@ class SharedContextHFLM(HFLM):
         window = getattr(config, "sliding_window", None)
         last_position = len(group.tokens) + max(map(len, group.continuations)) - 2
         return window is None or last_position < window
+
+    def _packed_batches(self, groups: list[ContextGroup], rows: int) -> list[list[ContextGroup]]:
+        """At most `rows` packed rows per forward, and on a CPU at most CPU_PACKED_TOKENS padded tokens (a row
+        alone may exceed it): the segment mask sends attention down the explicit-mask path, whose cost and memory
+        grow with rows × width², and on a CPU small forwards are faster (measured with bench/eval_backend.py)."""
+        budget = CPU_PACKED_TOKENS if self.device.type == "cpu" else None
+        batches: list[list[ContextGroup]] = []
+        for group in groups:  # longest first: the first row of a batch sets its width
+            if batches and len(batches[-1]) < rows and (
+                    budget is None or (len(batches[-1]) + 1) * batches[-1][0].packed_length <= budget):
+                batches[-1].append(group)
+            else:
+                batches.append([group])
+        return batches
 
     def _score_packed(self, groups: list[ContextGroup]):
         """Yield (request indices, (loglikelihood, is_greedy)) for every continuation of the packed groups."""

@@ -18,6 +18,8 @@ difference, 1 for a ratio) or the claimed level:
   (e.g. "keeps 90% of the accuracy": the interval of the retained fraction against 0.90).
 
 A deterministic quantity (a fitted residual, a count) has no sampling noise: pass ``lo = hi = estimate``.
+An id with ``*`` declares a family (e.g. ``sweep.ls_vs_uidl.acc.n*``): the test of every instance another profile
+checks (other block counts, sizes, models) that has no entry of its own.
 
 `write_claims_page` assembles figures/CLAIMS.md from the notebooks' claims_*.csv files and the register: every
 claim with its verdict, interval, notebook and table, a count at the top, and the register's claims that no
@@ -25,6 +27,8 @@ notebook checked in this run.
 """
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import functools
 import math
 from dataclasses import dataclass, field
@@ -100,12 +104,15 @@ class Register:
             raise RegisterError(f"claim {claim_id!r} belongs to notebook {spec.notebook}, not {notebook}")
         verdict = spec.decide(float(lo), float(hi))
         if interval is None:
-            interval = "exact" if lo == hi else f"95% CI [{lo:+.3g}, {hi:+.3g}]"
+            interval = f"95% CI [{lo:+.3g}, {hi:+.3g}]"
         return Claim(claim=spec.claim, ref=spec.ref, evidence=evidence or f"{spec.statistic} = {estimate:+.3g}",
                      verdict=verdict, uncertainty=f"{interval}; test {spec.test_text()}", id=claim_id)
 
     def spec(self, claim_id: str) -> ClaimSpec:
         if claim_id not in self.claims:
+            for pattern, spec in self.claims.items():  # a family entry: other profiles' instances, same test
+                if "*" in pattern and fnmatch.fnmatchcase(claim_id, pattern):
+                    return dataclasses.replace(spec, id=claim_id)
             raise RegisterError(f"claim {claim_id!r} is not in the register (replaceme_core/resources/claims.yaml): "
                                 "declare it there, with its test, before checking it")
         return self.claims[claim_id]
@@ -142,14 +149,8 @@ def parse_register(entries: list[dict], where: str = "claims.yaml") -> Register:
 
 @functools.lru_cache(maxsize=1)
 def load_register() -> Register:
-    root = resources.files("replaceme_core.resources")
-    entries = list(yaml.safe_load(root.joinpath("claims.yaml").read_text()) or [])
-    fragments = root.joinpath("claims.d")  # TEMPORARY while notebooks are converted; merged into claims.yaml
-    if fragments.is_dir():
-        for f in sorted(fragments.iterdir(), key=lambda x: x.name):
-            if f.name.endswith(".yaml"):
-                entries += list(yaml.safe_load(f.read_text()) or [])
-    return parse_register(entries)
+    text = resources.files("replaceme_core.resources").joinpath("claims.yaml").read_text()
+    return parse_register(yaml.safe_load(text) or [])
 
 
 def collect(figures: str | Path) -> pd.DataFrame:
@@ -199,7 +200,7 @@ def write_claims_page(figures: str | Path = "figures", register: Register | None
         lines += [f"## {nb} — {k['held']} held, {k['not held']} not held, {k['inconclusive']} inconclusive", "",
                   *header, *(row(r) for _, r in group.iterrows()), ""]
     checked = set(df["id"]) if "id" in df else set()
-    missing = [s for s in register.claims.values() if s.id not in checked]
+    missing = [s for s in register.claims.values() if s.id not in checked and "*" not in s.id]
     if missing:
         lines += ["## In the register, not checked by this run", "",
                   *(f"- `{s.id}` ({s.notebook}): {s.claim}" for s in missing), ""]

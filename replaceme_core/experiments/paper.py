@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     timings = run_notebooks(args.profile, build_dir=args.build, figures=args.figures, only=args.only)
     if not args.no_index:
         write_index(args.figures, args.profile, timings)
+    from .claims import write_claims_page
+
+    print(f"[paper] {write_claims_page(args.figures)}: every claims_*.csv in {args.figures} against the claims register")
     print(f"[paper] {len(timings)} notebooks in {time.perf_counter() - t0:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return 0
 

@@ -48,10 +48,12 @@ def instruction_prompts(source: str, num_samples: int, seed: int = 0) -> list[st
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of the chat-formatted prompt with the assistant header appended (generation starts there),
     tokenised the way :func:`replaceme_core.io.data.token_batches` tokenises calibration texts (one BOS)."""
-    from ..io.data import _strip_double_bos
+    from ..io.data import _strip_double_bos, strip_default_system
 
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = strip_default_system(tokenizer, messages, text, add_generation_prompt=True)  # as data.render_messages
     else:
         text = "### Instruction:\n" + prompt + "\n\n### Response:\n"
     return tokenizer(_strip_double_bos([text], tokenizer)[0])["input_ids"]

@@ -24,6 +24,12 @@ Instruction records are rendered with ``tokenizer.apply_chat_template([user, ass
 tokenize=False)``. ``chat="auto"`` falls back to a plain ``### Instruction / ### Response`` layout
 with a warning when the tokenizer has no chat template (the paper's Llama-2 base-model case);
 ``chat="never"`` always uses the plain layout; ``chat="always"`` raises instead of falling back.
+
+A template that inserts a default system turn when the conversation has none (SmolLM2's "You are a helpful AI
+assistant named SmolLM ...", Qwen2.5's, Llama-3.1's date header) has that turn removed (`strip_default_system`):
+the paper renders [user, assistant] with Llama-3-Instruct's template, which inserts none, and drops SlimOrca's own
+system prompt. Kept, the same ~20 template tokens open every calibration sample; on SmolLM2-135M they move the
+selection from blocks 2–9 to 11–18 (notebook 04 shows it). ``chat="keep-system"`` keeps them (for that comparison).
 """
 from __future__ import annotations
 
@@ -107,10 +113,43 @@ def _plain_messages(messages: list[dict]) -> str:
     return "\n\n".join(f"### {names.get(m['role'], m['role'].title())}:\n{m['content']}" for m in messages)
 
 
+CHAT_MODES = ("auto", "never", "always", "keep-system")
+_MARK = "\x02system-marker\x03"
+
+
+def strip_default_system(tokenizer, messages: list[dict], text: str, **template_kwargs) -> str:
+    """`text` (the template's rendering of `messages`) without the system turn the template inserted on its own.
+
+    Found by rendering once more with an explicit marker system message: where the two renderings differ is the
+    inserted default content; the turn runs from the turn-opening text before the role name (e.g. `<|im_start|>`)
+    to the next turn opening. A template that inserts nothing, or one this reading does not fit, is left as is.
+    `template_kwargs` are the ones `text` was rendered with (e.g. add_generation_prompt=True)."""
+    if any(m["role"] == "system" for m in messages):
+        return text
+    marked = tokenizer.apply_chat_template([{"role": "system", "content": _MARK}, *messages], tokenize=False,
+                                           **template_kwargs)
+    if _MARK not in marked:
+        return text
+    head = marked[:marked.index(_MARK)]
+    tail = marked[marked.index(_MARK) + len(_MARK):]
+    if not (text.startswith(head) and text.endswith(tail)) or len(text) <= len(head) + len(tail):
+        return text  # no default content between the same head and tail: nothing was inserted
+    if "system" not in head:
+        return text
+    opening = head[:head.rindex("system")]
+    end_of_default = len(text) - len(tail)
+    for cut in range(len(opening)):  # the longest end of `opening` that opens the next turn, e.g. "<|im_start|>"
+        turn = opening[cut:]
+        nxt = text.find(turn, end_of_default)
+        if turn.strip() and nxt >= 0:
+            return text[:cut] + text[nxt:]
+    return text
+
+
 def render_messages(messages: list[dict], tokenizer=None, chat: str = "auto") -> str:
     """Render a chat (list of {role, content}) to one training text; see the module doc for `chat`."""
-    if chat not in ("auto", "never", "always"):
-        raise DataSourceError(f"chat must be 'auto', 'never' or 'always', got {chat!r}")
+    if chat not in CHAT_MODES:
+        raise DataSourceError(f"chat must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
     if chat == "never":
         return _plain_messages(messages)
     if not _has_chat_template(tokenizer):
@@ -121,7 +160,8 @@ def render_messages(messages: list[dict], tokenizer=None, chat: str = "auto") ->
                                   "base model such as Llama-2-7b-hf)")
         return _plain_messages(messages)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return text if chat == "keep-system" else strip_default_system(tokenizer, messages, text)
     except Exception as e:  # templates that reject a role order, etc.
         if chat == "always":
             raise DataSourceError(f"the tokenizer's chat template failed: {type(e).__name__}: {e}") from None
@@ -343,8 +383,8 @@ def load_texts(source: str, tokenizer, num_samples: int, seed: int = 0, split: s
     _check_n(num_samples)
     if split not in ("train", "heldout"):
         raise DataSourceError(f"split must be 'train' or 'heldout', got {split!r}")
-    if chat not in ("auto", "never", "always"):
-        raise DataSourceError(f"chat must be 'auto', 'never' or 'always', got {chat!r}")
+    if chat not in CHAT_MODES:
+        raise DataSourceError(f"chat must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
     source = str(source)
     if source in PACKAGED_SOURCES:
         texts = _packaged(source, tokenizer, num_samples, seed, split, chat)

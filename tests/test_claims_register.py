@@ -1,0 +1,113 @@
+"""The claims register decides verdicts from declared tests; CLAIMS.md counts what the notebooks wrote."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from replaceme_core.experiments.claims import RegisterError, load_register, parse_register, write_claims_page
+
+
+def entry(kind, value=0.0, margin=None, cid="x.y", notebook="01_main_results", **extra):
+    test = {"kind": kind, "value": value} | ({"margin": margin} if margin is not None else {})
+    return {"id": cid, "notebook": notebook, "claim": "c", "ref": "Table 2", "statistic": "s", "test": test, **extra}
+
+
+@pytest.mark.parametrize("kind, value, margin, interval, verdict", [
+    ("greater", 0, None, (0.01, 0.2), "held"),
+    ("greater", 0, None, (-0.01, 0.2), "inconclusive"),
+    ("greater", 0, None, (-0.3, -0.01), "not held"),
+    ("less", 1, None, (0.5, 0.9), "held"),
+    ("less", 1, None, (0.9, 1.1), "inconclusive"),
+    ("less", 1, None, (1.1, 1.4), "not held"),
+    ("at_least", 0.85, None, (0.86, 0.95), "held"),
+    ("at_least", 0.85, None, (0.70, 0.84), "not held"),
+    ("at_most", 2.0, None, (1.0, 1.9), "held"),
+    ("non_inferior", 0, 0.01, (-0.009, 0.3), "held"),
+    ("non_inferior", 0, 0.01, (-0.02, 0.3), "inconclusive"),
+    ("non_inferior", 0, 0.01, (-0.2, -0.02), "not held"),
+    ("not_worse_lower", 1, 0.05, (0.9, 1.04), "held"),
+    ("not_worse_lower", 1, 0.05, (1.06, 1.2), "not held"),
+    ("equivalent", 0, 0.05, (-0.04, 0.04), "held"),
+    ("equivalent", 0, 0.05, (0.0, 0.175), "inconclusive"),   # notebook 09's old "held": no margin can pass it now
+    ("equivalent", 0, 0.05, (0.06, 0.175), "not held"),
+    ("equivalent", 1, 0.05, (0.90, 0.94), "not held"),
+    ("greater", 0, None, (float("nan"), 0.2), "inconclusive"),
+    ("greater", 0, None, (0.2, 0.2), "held"),                 # a deterministic quantity: lo = hi = estimate
+])
+def test_declared_tests_decide(kind, value, margin, interval, verdict):
+    spec = parse_register([entry(kind, value, margin)]).spec("x.y")
+    assert spec.decide(*interval) == verdict
+    assert spec.decide(*reversed(interval)) == verdict  # the bounds' order does not matter
+
+
+def test_check_returns_a_claim_row_with_the_registers_verdict():
+    reg = parse_register([entry("greater", cid="a.b", headline=True)])
+    row = reg.check("a.b", 0.1, 0.02, 0.2, "diff +0.1", notebook="01_main_results")
+    assert (row.id, row.verdict, row.claim, row.ref) == ("a.b", "held", "c", "Table 2")
+    assert "95% CI" in row.uncertainty and "> 0" in row.uncertainty
+    with pytest.raises(RegisterError, match="not in the register"):
+        reg.check("a.c", 0.1, 0.02, 0.2)
+    with pytest.raises(RegisterError, match="belongs to notebook"):
+        reg.check("a.b", 0.1, 0.02, 0.2, notebook="09_healing")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([entry("bigger")], "test kind"),
+    ([entry("equivalent")], "positive margin"),
+    ([entry("greater"), entry("less")], "appears twice"),
+    ([{"id": "q", "claim": "c"}], "lacks"),
+    ([{**entry("greater"), "test": {"kind": "greater", None: 0}}], "unknown test keys"),  # `null:` in YAML
+])
+def test_malformed_register_is_refused(bad, message):
+    with pytest.raises(RegisterError, match=message):
+        parse_register(bad)
+
+
+def test_the_shipped_register_parses_and_covers_the_headline_claims():
+    reg = load_register()
+    ids = set(reg.claims)
+    for must in ("main.ls_vs_uidl.acc", "main.regime.ls_vs_uidl.acc", "main.cosine_vs_ls.lambada_ppl"):
+        assert must in ids and reg.spec(must).headline
+    assert all(s.notebook[:2].isdigit() for s in reg.claims.values())
+
+
+def test_claims_page_counts_and_lists_unchecked(tmp_path):
+    reg = parse_register([entry("greater", cid="a.one", headline=True), entry("less", value=1, cid="a.two"),
+                          entry("greater", cid="b.three", notebook="02_compression_sweep")])
+    rows = [reg.check("a.one", 0.1, 0.05, 0.2), reg.check("a.two", 1.2, 1.1, 1.3)]
+    pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp_path / "claims_01_main_results.csv", index=False)
+    text = write_claims_page(tmp_path, reg).read_text()
+    assert "**2 claims checked: 1 held (50%), 1 not held (50%), 0 inconclusive (0%).**" in text
+    assert "## Headline claims" in text and "`b.three` (02_compression_sweep)" in text
+    assert "[table](claims_01_main_results.md)" in text
+    assert json.dumps(text)  # plain text, no objects leaked
+
+
+def test_power_matches_a_simulated_paired_test():
+    """paired_n documents give about the promised power in a simulation of the paired z-test."""
+    import numpy as np
+
+    from replaceme_core.experiments.power import accuracy_diff_sd, detectable_effect, paired_n, per_task_n
+
+    sd, effect = 1.0, 0.25
+    n = paired_n(sd, effect)
+    assert n == 126  # (1.95996 + 0.84162)² / 0.25² = 125.6
+    rng = np.random.default_rng(0)
+    d = rng.normal(effect, sd, size=(4000, n))
+    rejected = (d.mean(1) / (d.std(1, ddof=1) / np.sqrt(n)) > 1.959964).mean()
+    assert 0.77 < rejected < 0.83
+    assert detectable_effect(sd, n) == pytest.approx(effect, rel=0.01)
+    assert per_task_n(sd, effect, tasks=4) == 32
+    # 0/1 scores disagreeing on 30% of documents with mean difference 0.1: var = 0.3 - 0.01
+    assert accuracy_diff_sd(0.3, 0.1) == pytest.approx(0.29 ** 0.5)
+
+
+def test_family_entries_cover_other_profiles_instances():
+    reg = parse_register([entry("greater", cid="sweep.acc.n*"), entry("less", value=1, cid="sweep.acc.n8")])
+    assert reg.spec("sweep.acc.n8").kind == "less"  # an instance's own entry wins
+    spec = reg.spec("sweep.acc.n16")
+    assert (spec.id, spec.kind) == ("sweep.acc.n16", "greater")
+    with pytest.raises(RegisterError, match="not in the register"):
+        reg.spec("sweep.margin.n16")
