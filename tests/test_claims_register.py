@@ -6,7 +6,12 @@ import json
 import pandas as pd
 import pytest
 
-from replaceme_core.experiments.claims import RegisterError, load_register, parse_register, write_claims_page
+from replaceme_core.experiments.claims import (
+    RegisterError,
+    load_register,
+    parse_register,
+    write_claims_page,
+)
 
 
 def entry(kind, value=0.0, margin=None, cid="x.y", notebook="01_main_results", **extra):
@@ -89,7 +94,12 @@ def test_power_matches_a_simulated_paired_test():
     """paired_n documents give about the promised power in a simulation of the paired z-test."""
     import numpy as np
 
-    from replaceme_core.experiments.power import accuracy_diff_sd, detectable_effect, paired_n, per_task_n
+    from replaceme_core.experiments.power import (
+        accuracy_diff_sd,
+        detectable_effect,
+        paired_n,
+        per_task_n,
+    )
 
     sd, effect = 1.0, 0.25
     n = paired_n(sd, effect)

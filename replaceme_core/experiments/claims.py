@@ -176,12 +176,12 @@ def write_claims_page(figures: str | Path = "figures", register: Register | None
     n = len(df)
     c = counts(df)
     share = (lambda k: f"{c[k] / n:.0%}") if n else (lambda k: "–")
-    lines = ["# Claims register: what holds on this run", "",
-             f"**{n} claims checked: {c['held']} held ({share('held')}), {c['not held']} not held ({share('not held')}), "
-             f"{c['inconclusive']} inconclusive ({share('inconclusive')}).**", "",
-             "Each claim's statistic and test are declared in `replaceme_core/resources/claims.yaml` before the run; "
-             "the notebooks measure, the register decides. Intervals are 95% (paired bootstrap over the same "
-             "documents or tokens unless the row says otherwise).", ""]
+    summary = (f"**{n} claims checked: {c['held']} held ({share('held')}), {c['not held']} not held "
+               f"({share('not held')}), {c['inconclusive']} inconclusive ({share('inconclusive')}).**")
+    method = ("Each claim's statistic and test are declared in `replaceme_core/resources/claims.yaml` before the run; "
+              "the notebooks measure, the register decides. Intervals are 95% (paired bootstrap over the same "
+              "documents or tokens unless the row says otherwise).")
+    lines = ["# Claims register: what holds on this run", "", summary, "", method, ""]
 
     def row(r) -> str:
         spec = register.claims.get(r.get("id"))
