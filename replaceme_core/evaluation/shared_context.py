@@ -62,10 +62,9 @@ HEAD_ONLY_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "gemma3_text"}
 )
 
-# Families checked (tests/test_shared_context.py) to take a custom 4D attention mask with explicit positions as-is.
-PACKED_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "gemma3_text"}
-)
+# Families that also take a custom 4D attention mask with explicit positions as-is (checked for every one of them in
+# tests/test_shared_context.py; falcon only without alibi): today all the head-only ones.
+PACKED_MODEL_TYPES = HEAD_ONLY_MODEL_TYPES
 
 # Padded tokens per packed forward on a CPU (bench/eval_backend.py, SmolLM2-135M, 2 cores: 4 rows of SciQ's ~300 tokens
 # ran 2x slower than 1-2, 16 rows of ARC's ~45 tokens 1.4x slower than 4).
@@ -248,9 +247,9 @@ class SharedContextHFLM(HFLM):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0),
                     desc="Running loglikelihood requests (shared contexts)")
-        groups = group_by_context(requests, self.max_length)
-        packed = [g for g in groups if self._packable(g)]
-        two_phase = [g for g in groups if not self._packable(g)]
+        packed, two_phase = [], []
+        for group in group_by_context(requests, self.max_length):
+            (packed if self._packable(group) else two_phase).append(group)
         packed.sort(key=lambda g: -g.packed_length)  # as HFLM sorts: rows of similar length, little padding
         batches = [(self._score_packed, chunk) for chunk in self._packed_batches(packed, rows)]
         batches += [(functools.partial(self._score_chunk, rows=rows), chunk) for chunk in pack(two_phase, rows)]
@@ -331,11 +330,13 @@ class SharedContextHFLM(HFLM):
 
     def _token_scores(self, hidden: torch.Tensor, token_head: torch.Tensor, targets: torch.Tensor, head):
         """(target log-prob, target is the argmax) per scored token, where token i reads the head's output at
-        `hidden[token_head[i]]`; HEAD_CHUNK positions through the head at a time, log-softmax in `softmax_dtype`."""
+        `hidden[token_head[i]]` (`hidden` already logits when `head` is None); HEAD_CHUNK positions through the head
+        at a time, so positions x vocabulary stays bounded; log-softmax in HFLM's `softmax_dtype`."""
         token_head, targets = token_head.to(hidden.device), targets.to(hidden.device)
         picked, greedy = [], []
         for s in range(0, hidden.shape[0], HEAD_CHUNK):
-            logprobs = F.log_softmax(head(hidden[s:s + HEAD_CHUNK]), dim=-1, dtype=self.softmax_dtype)
+            chunk = hidden[s:s + HEAD_CHUNK]
+            logprobs = F.log_softmax(chunk if head is None else head(chunk), dim=-1, dtype=self.softmax_dtype)
             here = (token_head >= s) & (token_head < s + HEAD_CHUNK)
             rows, t = (token_head[here] - s).to(logprobs.device), targets[here].to(logprobs.device)
             picked.append((here.nonzero().squeeze(-1), logprobs[rows, t]))
@@ -398,17 +399,9 @@ class SharedContextHFLM(HFLM):
         return ids, mask, positions
 
     def _position_scores(self, states: torch.Tensor, targets: torch.Tensor, head=None):
-        """(target log-prob, target is the argmax) at each scored position, from hidden states through `head` (or
-        from logits when `head` is None), HEAD_CHUNK positions at a time so the positions x vocabulary logits stay
-        bounded; the log-softmax runs in HFLM's dtype (`softmax_dtype`)."""
-        picked, greedy = [], []
-        for s in range(0, states.shape[0], HEAD_CHUNK):
-            logits = states[s:s + HEAD_CHUNK] if head is None else head(states[s:s + HEAD_CHUNK])
-            logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-            t = targets[s:s + HEAD_CHUNK].to(logprobs.device)  # the head may sit on another device than the inputs
-            picked.append(logprobs.gather(-1, t[:, None]).squeeze(-1))
-            greedy.append(logprobs.argmax(-1) == t)
-        return torch.cat(picked), torch.cat(greedy)
+        """(target log-prob, target is the argmax) at each scored position: `_token_scores` with one token per
+        position (from logits when `head` is None)."""
+        return self._token_scores(states, torch.arange(len(targets), device=states.device), targets, head)
 
     # ---- the model, split into trunk and head ---------------------------------------------------------------------
 
