@@ -161,6 +161,8 @@ class PruneConfig:
     max_iter: int = 100  # optimizer cg / trust-ncg: SciPy iterations on the full batch
     full_batch_rows: int = 32768  # optimizer cg / trust-ncg: at most this many rows (a fixed seeded subsample beyond)
     lbfgs_iters: int = 5  # optimizer lbfgs: iterations per mini-batch (the official code: 1)
+    init: str = "identity"  # iterative methods: T₀ = I (paper) | ls (start from the LS closed form: our variant)
+    tol: float = 0.0  # adam / lbfgs: stop at the plateau, once an epoch lowers the mean loss by < tol (0: all epochs)
     seed: int = 0
     one_pass_budget_gb: float = 4.0  # LS sums for every candidate run from the selection pass, if they fit
 
@@ -170,7 +172,7 @@ class PruneConfig:
         return IterativeConfig(
             objective=objective, optimizer=self.optimizer, lr=self.lr, batch_tokens=self.batch_tokens,
             epochs=self.epochs, l1=self.l1, l2=self.l2, structure=structure, seed=self.seed, max_iter=self.max_iter,
-            full_batch_rows=self.full_batch_rows, lbfgs_iters=self.lbfgs_iters,
+            full_batch_rows=self.full_batch_rows, lbfgs_iters=self.lbfgs_iters, init=self.init, tol=self.tol,
         )
 
     def validate(self, num_layers: int) -> None:
@@ -313,7 +315,8 @@ def prune(
         dist = calib.distances
         runs, scores = select_runs(config, dist, num_layers)
 
-    missing_ls = [r for r in runs if needs_ls and r not in calib.ls]
+    ls_init = needs_store and config.init == "ls"  # the iterative solver starts from the LS closed form
+    missing_ls = [r for r in runs if (needs_ls or ls_init) and r not in calib.ls]
     if needs_store:
         wanted = set(columns_for(config.iterative().objective))
         if all(r in borrowed and wanted <= set(borrowed[r].columns) for r in runs):
@@ -346,8 +349,12 @@ def prune(
                 T = T.cpu()  # d×d: kept on the host like every T, so cached fits load on any machine
             elif run in calib.stores:
                 # the solver runs where the statistics live (the model's device unless told otherwise), not on the host
+                T0 = None
+                if ls_init:
+                    T0 = solve_closed_form(calib.ls[run], "diagonal" if config.structure == "diagonal" else "full", config.ridge)
+                    info["ls_init_relative_residual"] = calib.ls[run].relative_residual(T0)
                 T, history = solve_iterative(calib.stores[run], config.iterative(), device=_stats_device(model, stats_device),
-                                             progress=progress)
+                                             progress=progress, T0=T0)
                 info["loss_per_epoch"] = history
             replacements.append(Replacement(run, T))
             run_info.append(info)

@@ -24,6 +24,7 @@ STRUCTURES = ("full", "diagonal", "orthonormal")
 OBJECTIVES = ("cosine", "cosine-exact", "mse")
 OPTIMIZERS = ("adam", "lbfgs", "cg", "trust-ncg")
 FULL_BATCH_OPTIMIZERS = ("cg", "trust-ncg")  # SciPy methods on the full (or subsampled) batch
+INITS = ("identity", "ls")  # where the iterative solvers start: T₀ = I (paper, Table 14) or the LS closed form
 
 
 def check_choice(what: str, value: str, options) -> None:
@@ -91,6 +92,8 @@ class IterativeConfig:
     lbfgs_iters: int = 5  # L-BFGS iterations per mini-batch
     max_iter: int = 100  # cg / trust-ncg: iterations of the SciPy method (each: ≥ 1 full-batch loss and gradient)
     full_batch_rows: int = 32768  # cg / trust-ncg: at most this many rows (a fixed seeded subsample beyond it)
+    init: str = "identity"  # identity (paper) | ls: start from the LS closed form (the caller passes it as T0)
+    tol: float = 0.0  # adam / lbfgs: stop once an epoch lowers the mean loss by < tol (relative); 0 = all epochs
 
     def validate(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
@@ -103,6 +106,9 @@ class IterativeConfig:
             raise ValueError("l1 and l2 penalties must be ≥ 0")
         if self.max_iter <= 0 or self.full_batch_rows <= 0:
             raise ValueError("max_iter and full_batch_rows must be positive")
+        check_choice("init", self.init, INITS)
+        if self.tol < 0:
+            raise ValueError("tol must be ≥ 0 (0 runs every epoch)")
 
 
 def columns_for(objective: str) -> tuple[str, ...]:
@@ -136,22 +142,30 @@ def iterative_loss(T: torch.Tensor, batch: dict[str, torch.Tensor], cfg: Iterati
     return data_loss(T, batch, cfg.objective) + penalty(T, cfg)
 
 
-def solve_iterative(store: ActivationStore, cfg: IterativeConfig, device="cpu", progress: bool = True) -> tuple[torch.Tensor, list[float]]:
-    """Minimise the configured objective over T from T₀ = I; returns (T in float64, per-epoch mean loss)."""
+def solve_iterative(store: ActivationStore, cfg: IterativeConfig, device="cpu", progress: bool = True,
+                    T0: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Minimise the configured objective over T from T₀ (the identity, or `T0` — required with init 'ls');
+    returns (T in float64, the loss history: per-epoch mean loss, or per iteration for the full-batch methods).
+    With `cfg.tol` the epochs stop once one lowers the mean loss by less than tol (relative): run to a plateau."""
     cfg.validate()
+    if (cfg.init == "ls") != (T0 is not None):
+        raise ValueError("init 'ls' needs the LS closed form as T0, and only init 'ls' takes a T0")
     missing = set(columns_for(cfg.objective)) - set(store.columns)
     if missing:
         raise ValueError(f"objective {cfg.objective!r} needs stored columns {sorted(missing)}")
     if store.rows == 0:
         raise CalibrationError("the activation store is empty")
-    if cfg.optimizer in FULL_BATCH_OPTIMIZERS:
-        return _solve_full_batch(store, cfg, device=device, progress=progress)
     d = store.d
+    start = torch.eye(d, dtype=torch.float64) if T0 is None else T0.detach().to("cpu", torch.float64)
+    if start.shape != (d, d):
+        raise ValueError(f"T0 has shape {tuple(start.shape)}, the store's T is {d}×{d}")
+    if cfg.optimizer in FULL_BATCH_OPTIMIZERS:
+        return _solve_full_batch(store, cfg, device=device, progress=progress, start=start)
     if cfg.structure == "diagonal":
-        param = torch.ones(d, device=device, requires_grad=True)
+        param = torch.diagonal(start).to(device, torch.float32).clone().requires_grad_(True)
         as_matrix = lambda p: torch.diag(p)  # noqa: E731
     else:
-        param = torch.eye(d, device=device, requires_grad=True)
+        param = start.to(device, torch.float32).clone().requires_grad_(True)
         as_matrix = lambda p: p  # noqa: E731
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam([param], lr=cfg.lr)
@@ -175,6 +189,8 @@ def solve_iterative(store: ActivationStore, cfg: IterativeConfig, device="cpu", 
         history.append(total / count)
         if not torch.isfinite(param).all():
             raise CalibrationError(f"{cfg.optimizer} diverged (non-finite T); lower the learning rate")
+        if cfg.tol and len(history) > 1 and history[-2] - history[-1] < cfg.tol * abs(history[-2]):
+            break  # the plateau: this epoch gained less than tol
     return as_matrix(param.detach()).to(torch.float64).cpu(), history
 
 
@@ -191,7 +207,7 @@ def full_batch_rows(store: ActivationStore, max_rows: int, seed: int = 0) -> dic
 
 
 def _solve_full_batch(store: ActivationStore, cfg: IterativeConfig, device="cpu", progress: bool = True,
-                      chunk_rows: int = 8192) -> tuple[torch.Tensor, list[float]]:
+                      chunk_rows: int = 8192, start: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
     """SciPy's CG (Polak–Ribière nonlinear conjugate gradient) or trust-ncg on the full-batch objective.
 
     The parameter lives in float64 (SciPy's line searches need it); the loss, its gradient and — for
@@ -208,7 +224,8 @@ def _solve_full_batch(store: ActivationStore, cfg: IterativeConfig, device="cpu"
     chunks = [{k: v[s : s + chunk_rows].to(device, dtype) for k, v in rows.items()} for s in range(0, n, chunk_rows)]
     diagonal = cfg.structure == "diagonal"
     as_matrix = (lambda p: torch.diag(p)) if diagonal else (lambda p: p.reshape(d, d))  # noqa: E731
-    x0 = np.ones(d) if diagonal else np.eye(d).ravel()
+    start = torch.eye(d, dtype=torch.float64) if start is None else start
+    x0 = torch.diagonal(start).numpy().copy() if diagonal else start.numpy().ravel().copy()
 
     def to_param(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(x, dtype=np.float64)).to(device).requires_grad_(True)

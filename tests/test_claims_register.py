@@ -39,6 +39,13 @@ def entry(kind, value=0.0, margin=None, cid="x.y", notebook="01_main_results", *
     ("equivalent", 0, 0.05, (0.06, 0.175), "not held"),
     ("equivalent", 1, 0.05, (0.90, 0.94), "not held"),
     ("greater", 0, None, (float("nan"), 0.2), "inconclusive"),
+    # an interval that only touches the claimed side at its edge contains no value that satisfies the claim
+    ("less", 0, None, (0.0, 0.0), "not held"),          # two models agreeing on every document: no decrease
+    ("greater", 0, None, (-0.1, 0.0), "not held"),
+    ("greater", 0, None, (0.0, 0.1), "inconclusive"),   # 0 is in it, and so are increases
+    ("non_inferior", 0, 0.03, (-0.2, -0.03), "not held"),
+    ("equivalent", 0, 0.05, (0.05, 0.1), "not held"),
+    ("equivalent", 0, 0.05, (-0.049, 0.049), "held"),
     ("greater", 0, None, (0.2, 0.2), "held"),                 # a deterministic quantity: lo = hi = estimate
 ])
 def test_declared_tests_decide(kind, value, margin, interval, verdict):
@@ -70,10 +77,26 @@ def test_malformed_register_is_refused(bad, message):
         parse_register(bad)
 
 
+def test_a_claim_whose_premise_is_not_held_is_untestable():
+    reg = parse_register([entry("greater", cid="p.premise"), {**entry("greater", cid="p.claim"), "requires": "p.premise"}])
+    with pytest.raises(RegisterError, match="check that premise first"):
+        reg.check("p.claim", 0.5, 0.4, 0.6)
+    assert reg.check("p.premise", 0.0, -0.1, 0.1).verdict == "inconclusive"
+    row = reg.check("p.claim", 0.5, 0.4, 0.6)  # would be held on its own interval
+    assert row.verdict == "untestable" and "`p.premise` is inconclusive" in row.uncertainty
+    assert reg.check("p.premise", 0.2, 0.1, 0.3).verdict == "held"
+    assert reg.check("p.claim", 0.5, 0.4, 0.6).verdict == "held"
+    with pytest.raises(RegisterError, match="not in the register"):
+        parse_register([{**entry("greater", cid="q"), "requires": "nowhere"}])
+    with pytest.raises(RegisterError, match="another notebook"):
+        parse_register([entry("greater", cid="p.premise", notebook="02_compression_sweep"),
+                        {**entry("greater", cid="p.claim"), "requires": "p.premise"}])
+
+
 def test_the_shipped_register_parses_and_covers_the_headline_claims():
     reg = load_register()
     ids = set(reg.claims)
-    for must in ("main.ls_vs_uidl.acc", "main.regime.ls_vs_uidl.acc", "main.cosine_vs_ls.lambada_ppl"):
+    for must in ("main.ls_vs_uidl.acc", "main.regime.ls_vs_uidl.acc", "main.cosine_vs_ls.ppl"):
         assert must in ids and reg.spec(must).headline
     assert all(s.notebook[:2].isdigit() for s in reg.claims.values())
 
@@ -84,7 +107,7 @@ def test_claims_page_counts_and_lists_unchecked(tmp_path):
     rows = [reg.check("a.one", 0.1, 0.05, 0.2), reg.check("a.two", 1.2, 1.1, 1.3)]
     pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp_path / "claims_01_main_results.csv", index=False)
     text = write_claims_page(tmp_path, reg).read_text()
-    assert "**2 claims checked: 1 held (50%), 1 not held (50%), 0 inconclusive (0%).**" in text
+    assert "**2 claims checked: 1 held (50%), 1 not held (50%), 0 inconclusive (0%), 0 untestable (0%).**" in text
     assert "## Headline claims" in text and "`b.three` (02_compression_sweep)" in text
     assert "[table](claims_01_main_results.md)" in text
     assert json.dumps(text)  # plain text, no objects leaked

@@ -440,6 +440,18 @@ def test_perplexity_token_weighted_and_batch_invariant(model, tok):
     assert len(scored) < len(texts)  # the one-token text contributes nothing (and does not crash)
 
 
+def test_perplexity_per_text_sums_match_each_text_alone(model, tok):
+    texts = ["a", *LAMBADA, "yes no"]
+    out = ev.perplexity(model, tok, texts, max_length=24, batch_size=3, use_cache=False, progress=False)
+    assert len(out["doc_nll"]) == len(out["doc_tokens"]) == len(texts)  # in the order given, batches sorted by length
+    for t, nll, n in zip(texts, out["doc_nll"], out["doc_tokens"]):
+        _, mean, alone = _manual_ppl(model, tok, [t], max_length=24) if len(tok(t)["input_ids"]) > 1 else (0, 0.0, 0)
+        assert n == alone
+        assert nll == pytest.approx(mean * alone, rel=1e-5, abs=1e-9)
+    assert sum(out["doc_tokens"]) == out["tokens"]
+    assert sum(out["doc_nll"]) / out["tokens"] == pytest.approx(out["nll"], rel=1e-12)
+
+
 def test_perplexity_cache_by_content(model, tok, monkeypatch):
     texts = LAMBADA
     a = ev.perplexity(model, tok, texts, max_length=32, progress=False)

@@ -97,3 +97,45 @@ def test_group_tasks_pair_documents_by_subtask_and_id():
     assert d == pytest.approx(-0.5)  # paired on the bare id, only 2 of the 4 documents would be compared
     ids, _ = report.per_doc_scores(a, "mmlu")
     assert len(set(ids)) == 4
+
+
+def _heldout(doc_nll, doc_tokens):
+    return {"ppl": math.exp(sum(doc_nll) / sum(doc_tokens)), "doc_nll": doc_nll, "doc_tokens": doc_tokens}
+
+
+def test_heldout_log_ratio_is_the_token_weighted_perplexity_ratio_paired_over_texts():
+    tokens = [10, 40, 25, 5]
+    a = _heldout([25.0, 90.0, 60.0, 14.0], tokens)
+    b = _heldout([20.0, 80.0, 50.0, 10.0], tokens)
+    r, lo, hi = report.heldout_log_ratio(a, b)
+    assert r == pytest.approx(math.log(a["ppl"] / b["ppl"]))
+    assert lo <= r <= hi and lo > 0  # a is worse on every text: the paired interval excludes 0
+    with pytest.raises(ValueError, match="cannot be paired"):
+        report.heldout_log_ratio(a, _heldout([1.0, 2.0, 3.0, 4.0], [10, 40, 25, 6]))
+
+
+def test_perplexity_claim_is_decided_on_the_held_out_texts_and_shows_lambada():
+    from replaceme_core.experiments.claims import ClaimSpec, Register
+
+    reg = Register({"x.ppl": ClaimSpec("x.ppl", "nb", "a has lower perplexity", "Table", "ratio", "less", null=1.0)})
+    tokens = [30, 30, 30, 30]
+    heldout = {"a": _heldout([60.0, 61.0, 59.0, 62.0], tokens), "b": _heldout([90.0, 91.0, 89.0, 92.0], tokens)}
+    results = {"a": _result({}, [-1.0, -9.0, -0.5, -8.0]), "b": _result({}, [-9.0, -1.0, -8.0, -0.5])}
+    c = report.perplexity_claim(reg, "x.ppl", "a", "b", heldout, results)
+    assert c.verdict == "held"  # LAMBADA alone (4 noisy words, mean difference 0) could not decide it
+    assert "LAMBADA ratio 1 " in c.evidence or "LAMBADA ratio 1 [" in c.evidence
+
+
+def test_perplexity_claim_on_lambada_decides_on_lambada_and_shows_the_held_out_ratio():
+    from replaceme_core.experiments.claims import ClaimSpec, Register
+
+    reg = Register({"x.ppl": ClaimSpec("x.ppl", "nb", "a has lower perplexity", "Table", "ratio", "less", null=1.0)})
+    tokens = [30, 30, 30, 30]
+    heldout = {"a": _heldout([60.0, 61.0, 59.0, 62.0], tokens), "b": _heldout([90.0, 91.0, 89.0, 92.0], tokens)}
+    results = {"a": _result({}, [-1.0, -1.1, -0.9, -1.0]), "b": _result({}, [-1.0, -1.1, -0.9, -1.0])}
+    c = report.perplexity_claim(reg, "x.ppl", "a", "b", heldout, results, on="lambada")
+    assert c.verdict == "not held"  # identical LAMBADA log-likelihoods: ratio 1 exactly, whatever the held-out texts say
+    held = math.exp((242.0 - 362.0) / 120)  # Σ NLL difference over Σ tokens
+    assert c.evidence.startswith("LAMBADA ppl ratio a / b = 1;") and f"held-out ppl ratio a / b = {held:.3g}" in c.evidence
+    with pytest.raises(ValueError, match="LAMBADA results"):
+        report.perplexity_claim(reg, "x.ppl", "a", "b", heldout, None, on="lambada")

@@ -196,3 +196,29 @@ def test_fit_cache_is_keyed_by_the_runs_not_how_they_were_chosen(bench, monkeypa
     assert fits == [] and torch.equal(explicit.replacements[0].T, chosen.replacements[0].T)
     bench.prune("cosine", seed=2, start=run.start + 1)  # another run: a new fit
     assert fits == [1]
+
+
+def test_ls_residual_selection_on_the_workbench_matches_prune_and_is_cached(bench, monkeypatch):
+    """The workbench picks the run prune() picks with ls-residual, from ONE pass whose held-out sums are cached."""
+    direct = prune(copy.deepcopy(bench.model), bench.batches, bench.config("ls", selection="ls-residual"), progress=False)
+    calls = []
+    real = workbench.calibrate
+    monkeypatch.setattr(workbench, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    v = bench.prune("ls", selection="ls-residual")
+    assert v.record["removed_blocks"] == direct.record["removed_blocks"]
+    assert torch.allclose(v.replacements[0].T, direct.replacements[0].T, rtol=1e-9, atol=1e-9)
+    assert len(calls) == 1 and calls[0]["heldout_runs"]  # one pass, held-out sums included
+    cfg = bench.config("ls", selection="ls-residual")
+    assert bench.chosen_runs(cfg) == direct.runs and len(calls) == 1  # now from the cache: no second pass
+
+
+def test_ls_initialised_cosine_starts_from_the_cached_ls_fit_without_another_pass(bench, monkeypatch):
+    ls = bench.prune("ls")
+    calls = []
+    real = workbench.calibrate
+    monkeypatch.setattr(workbench, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    v = bench.prune("cosine", init="ls", lr=1e-9, epochs=1)  # a vanishing step: T stays at the LS start
+    assert len(calls) <= 1 and all(k.get("store_runs") for k in calls)  # at most the store capture, no LS pass of its own
+    assert v.record["removed_blocks"] == ls.record["removed_blocks"]
+    assert torch.allclose(v.replacements[0].T, ls.replacements[0].T, rtol=1e-4, atol=1e-5)
+    assert v.record["runs"][0]["ls_init_relative_residual"] == pytest.approx(ls.record["runs"][0]["relative_residual"])

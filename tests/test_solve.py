@@ -185,3 +185,38 @@ def test_divergence_is_reported(tmp_path):
         with pytest.raises(CalibrationError, match="diverged"):
             solve_iterative(store, IterativeConfig(objective="mse", optimizer="adam", lr=1e30, epochs=2,
                                                    batch_tokens=10), progress=False)
+
+
+def test_ls_initialised_solver_starts_at_the_closed_form(tmp_path):
+    """init 'ls': the first step starts from T_LS (one step at a tiny lr stays there); plain init starts from I."""
+    M, R, stats = problem(n=300, d=6, seed=7, noise=0.3)
+    T_ls = solve_ls(stats)
+    with make_store(M, R, tmp_path, chunk_rows=1000) as store:
+        tiny = dict(objective="cosine", lr=1e-9, epochs=1, batch_tokens=300)
+        T, history = solve_iterative(store, IterativeConfig(init="ls", **tiny), progress=False, T0=T_ls)
+        full = {k: v.float() for k, v in store.all_rows().items()}
+        assert rel(T, T_ls) < 1e-6
+        assert history[0] == pytest.approx(float(iterative_loss(T_ls.float(), full, IterativeConfig(**tiny))), rel=1e-5)
+        T_eye, _ = solve_iterative(store, IterativeConfig(**tiny), progress=False)
+        assert rel(T_eye, torch.eye(6, dtype=torch.float64)) < 1e-6
+        Td, _ = solve_iterative(store, IterativeConfig(init="ls", structure="diagonal", **tiny), progress=False,
+                                T0=torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64)))
+        assert torch.allclose(Td, torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64)), atol=1e-6)
+        with pytest.raises(ValueError, match="needs the LS closed form"):
+            solve_iterative(store, IterativeConfig(init="ls", **tiny), progress=False)
+        with pytest.raises(ValueError, match="only init 'ls'"):
+            solve_iterative(store, IterativeConfig(**tiny), progress=False, T0=T_ls)
+
+
+def test_tolerance_stops_at_the_plateau(tmp_path):
+    M, R, _ = problem(n=300, d=6, seed=8, noise=0.3)
+    with make_store(M, R, tmp_path) as store:
+        cfg = dict(objective="cosine", lr=0.01, batch_tokens=64, epochs=400)
+        _, fixed = solve_iterative(store, IterativeConfig(**cfg), progress=False)
+        _, stopped = solve_iterative(store, IterativeConfig(tol=1e-3, **cfg), progress=False)
+    assert len(fixed) == 400 and 1 < len(stopped) < 400
+    assert stopped == fixed[: len(stopped)]  # the same path (same seed), cut where an epoch gained < 0.1%
+    assert stopped[-2] - stopped[-1] < 1e-3 * stopped[-2]
+    assert all(a - b >= 1e-3 * a for a, b in zip(stopped[:-2], stopped[1:-1]))
+    with pytest.raises(ValueError, match="tol"):
+        IterativeConfig(tol=-1).validate()

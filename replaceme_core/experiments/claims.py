@@ -6,18 +6,25 @@ reference and numbers, the statistic (paired over the same documents or tokens),
 the verdict from the declared test. A test or margin may change only with a `reason:` written beside it.
 
 Tests (`test.kind`), on the statistic's own scale; `test.value` (``null`` below) is the no-effect value (0 for a
-difference, 1 for a ratio) or the claimed level:
+difference, 1 for a ratio) or the claimed level. One reading for every kind: a claim is **held** when every value of
+its 95% interval satisfies it, **not held** when no value does, and **inconclusive** otherwise. So an interval that
+only touches the claimed side at its edge (``[0, 0]`` for "A is less accurate than B": the two models agree on every
+document) is *not held*, since no value in it is a decrease:
 
-* ``greater`` / ``less``: held when the interval lies entirely above / below ``null``, not held when it lies
-  entirely on the other side, inconclusive when it contains ``null``;
+* ``greater`` / ``less``: held when the interval lies strictly above / below ``null``, not held when it lies at or
+  on the other side of it;
 * ``non_inferior`` ("at least as good", margin m, larger is better; ``not_worse_lower`` for lower-is-better): held
-  when the interval lies above ``null - m`` (below ``null + m``), not held when it lies entirely beyond that bound;
-* ``equivalent`` (margin m): held when the interval lies within ``null ± m``, not held when it lies entirely outside
-  it, inconclusive otherwise;
+  when the interval lies strictly above ``null - m`` (below ``null + m``), not held when it lies at or beyond that bound;
+* ``equivalent`` (margin m): held when the interval lies strictly within ``null ± m``, not held when it lies at or
+  outside one of the bounds, inconclusive otherwise;
 * ``at_least`` / ``at_most`` (a threshold ``null``): the same reading as greater / less, for a claimed level
   (e.g. "keeps 90% of the accuracy": the interval of the retained fraction against 0.90).
 
 A deterministic quantity (a fitted residual, a count) has no sampling noise: pass ``lo = hi = estimate``.
+
+A claim may declare ``requires: <claim id>``: a premise without which its statistic means nothing (e.g. retention on
+tasks where the unpruned model itself is at chance). The premise is checked first in the same notebook; unless it is
+held, the claim's verdict is **untestable** — the model cannot show it — and its row says which premise failed.
 An id with ``*`` declares a family (e.g. ``sweep.ls_vs_uidl.acc.n*``): the test of every instance another profile
 checks (other block counts, sizes, models) that has no entry of its own.
 
@@ -40,7 +47,7 @@ import yaml
 
 from ..io.cache import atomic_write_text
 
-VERDICTS = ("held", "not held", "inconclusive")
+VERDICTS = ("held", "not held", "inconclusive", "untestable")
 KINDS = ("greater", "less", "at_least", "at_most", "non_inferior", "not_worse_lower", "equivalent")
 
 
@@ -62,6 +69,7 @@ class ClaimSpec:
     files: tuple[str, ...] = ()
     headline: bool = False
     reason: str = ""
+    requires: str = ""  # a premise claim's id: unless it is held, this claim is untestable
 
     def decide(self, lo: float, hi: float) -> str:
         """The verdict of the declared test for a 95% interval [lo, hi]."""
@@ -70,15 +78,15 @@ class ClaimSpec:
         lo, hi = min(lo, hi), max(lo, hi)
         k, c, m = self.kind, self.null, self.margin
         if k in ("greater", "at_least"):
-            return "held" if lo > c else ("not held" if hi < c else "inconclusive")
+            return "held" if lo > c else ("not held" if hi <= c else "inconclusive")
         if k in ("less", "at_most"):
-            return "held" if hi < c else ("not held" if lo > c else "inconclusive")
+            return "held" if hi < c else ("not held" if lo >= c else "inconclusive")
         if k == "non_inferior":
-            return "held" if lo > c - m else ("not held" if hi < c - m else "inconclusive")
+            return "held" if lo > c - m else ("not held" if hi <= c - m else "inconclusive")
         if k == "not_worse_lower":
-            return "held" if hi < c + m else ("not held" if lo > c + m else "inconclusive")
+            return "held" if hi < c + m else ("not held" if lo >= c + m else "inconclusive")
         # equivalent
-        return "held" if (lo > c - m and hi < c + m) else ("not held" if (lo > c + m or hi < c - m) else "inconclusive")
+        return "held" if (lo > c - m and hi < c + m) else ("not held" if (lo >= c + m or hi <= c - m) else "inconclusive")
 
     def test_text(self) -> str:
         bound = {"greater": f"> {self.null:g}", "less": f"< {self.null:g}", "at_least": f"≥ {self.null:g}",
@@ -91,6 +99,7 @@ class ClaimSpec:
 @dataclass
 class Register:
     claims: dict[str, ClaimSpec] = field(default_factory=dict)
+    verdicts: dict[str, str] = field(default_factory=dict)  # what this process has decided so far (premises)
 
     def check(self, claim_id: str, estimate: float, lo: float, hi: float, evidence: str = "",
               interval: str | None = None, notebook: str | None = None):
@@ -105,8 +114,17 @@ class Register:
         verdict = spec.decide(float(lo), float(hi))
         if interval is None:
             interval = f"95% CI [{lo:+.3g}, {hi:+.3g}]"
+        uncertainty = f"{interval}; test {spec.test_text()}"
+        if spec.requires:
+            premise = self.verdicts.get(spec.requires)
+            if premise is None:
+                raise RegisterError(f"claim {claim_id!r} requires {spec.requires!r}: check that premise first")
+            if premise != "held":
+                verdict = "untestable"
+                uncertainty += f"; untestable: its premise `{spec.requires}` is {premise}"
+        self.verdicts[claim_id] = verdict
         return Claim(claim=spec.claim, ref=spec.ref, evidence=evidence or f"{spec.statistic} = {estimate:+.3g}",
-                     verdict=verdict, uncertainty=f"{interval}; test {spec.test_text()}", id=claim_id)
+                     verdict=verdict, uncertainty=uncertainty, id=claim_id)
 
     def spec(self, claim_id: str) -> ClaimSpec:
         if claim_id not in self.claims:
@@ -143,7 +161,12 @@ def parse_register(entries: list[dict], where: str = "claims.yaml") -> Register:
             id=e["id"], notebook=e["notebook"], claim=e["claim"], ref=e["ref"], statistic=e["statistic"], kind=kind,
             null=float(test.get("value", 0.0)), margin=float(test.get("margin", 0.0)), paper=str(e.get("paper", "")),
             files=tuple([files] if isinstance(files, str) else files), headline=bool(e.get("headline", False)),
-            reason=str(e.get("reason", "")))
+            reason=str(e.get("reason", "")), requires=str(e.get("requires", "")))
+    for spec in reg.claims.values():
+        if spec.requires and spec.requires not in reg.claims:
+            raise RegisterError(f"{where}: claim {spec.id} requires {spec.requires!r}, which is not in the register")
+        if spec.requires and reg.claims[spec.requires].notebook != spec.notebook:
+            raise RegisterError(f"{where}: claim {spec.id}'s premise {spec.requires} is checked by another notebook")
     return reg
 
 
@@ -177,7 +200,11 @@ def write_claims_page(figures: str | Path = "figures", register: Register | None
     c = counts(df)
     share = (lambda k: f"{c[k] / n:.0%}") if n else (lambda k: "–")
     summary = (f"**{n} claims checked: {c['held']} held ({share('held')}), {c['not held']} not held "
-               f"({share('not held')}), {c['inconclusive']} inconclusive ({share('inconclusive')}).**")
+               f"({share('not held')}), {c['inconclusive']} inconclusive ({share('inconclusive')}), {c['untestable']} "
+               f"untestable ({share('untestable')}).**")
+    if c["untestable"]:
+        summary += (" Untestable: a declared premise of the claim (`requires:` in the register) is not held, so this model "
+                    "cannot show it either way; each such row names the premise.")
     method = ("Each claim's statistic and test are declared in `replaceme_core/resources/claims.yaml` before the run; "
               "the notebooks measure, the register decides. Intervals are 95% (paired bootstrap over the same "
               "documents or tokens unless the row says otherwise).")
@@ -197,7 +224,8 @@ def write_claims_page(figures: str | Path = "figures", register: Register | None
         lines += ["## Headline claims", "", *header, *(row(r) for _, r in head.iterrows()), ""]
     for nb, group in df.groupby("notebook", sort=True):
         k = counts(group)
-        lines += [f"## {nb} — {k['held']} held, {k['not held']} not held, {k['inconclusive']} inconclusive", "",
+        lines += [f"## {nb} — {k['held']} held, {k['not held']} not held, {k['inconclusive']} inconclusive"
+                  + (f", {k['untestable']} untestable" if k["untestable"] else ""), "",
                   *header, *(row(r) for _, r in group.iterrows()), ""]
     checked = set(df["id"]) if "id" in df else set()
     missing = [s for s in register.claims.values() if s.id not in checked and "*" not in s.id]

@@ -14,6 +14,8 @@ PALETTE = {
     "baseline": "#4d4d4d",
     "UIDL": "#d95f02",
     "ReplaceMe LS": "#1b9e77",
+    "ReplaceMe cosine (converged)": "#3f007d",  # before "ReplaceMe cosine": colours go by the first matching prefix
+    "ReplaceMe cosine (LS init)": "#9e9ac8",
     "ReplaceMe cosine": "#7570b3",
     "ReplaceMe multi-LT": "#e7298a",
 }

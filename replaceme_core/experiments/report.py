@@ -190,6 +190,52 @@ def log_perplexity_ratio(a: dict, b: dict, task: str = "lambada_openai", n_boot:
     return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
+def heldout_log_ratio(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """log(ppl_a / ppl_b) on the held-out texts (`evaluation.perplexity` results of two models on the same texts),
+    token-weighted as the perplexity itself, with a 95% paired bootstrap that resamples whole texts."""
+    na, nb = np.asarray(a["doc_nll"], dtype=float), np.asarray(b["doc_nll"], dtype=float)
+    tok = np.asarray(a["doc_tokens"], dtype=float)
+    if na.shape != nb.shape or not np.array_equal(tok, np.asarray(b["doc_tokens"], dtype=float)):
+        raise ValueError("held-out perplexities of different texts (or tokenisations) cannot be paired")
+    d = na - nb
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, d.size, size=(n_boot, d.size))
+    boots = d[idx].sum(axis=1) / np.maximum(tok[idx].sum(axis=1), 1)
+    return float(d.sum() / tok.sum()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def heldout_columns(heldout: dict[str, dict]) -> dict[str, dict]:
+    """variant → {"heldout_ppl": ppl} from variant → `evaluation.perplexity` result (for results_frame's extras)."""
+    return {name: {"heldout_ppl": h["ppl"]} for name, h in heldout.items()}
+
+
+def perplexity_claim(register, claim_id: str, a: str, b: str, heldout: dict, results: dict | None = None,
+                     notebook: str | None = None, label: str | None = None, prefix: str = "", on: str = "heldout") -> Claim:
+    """A perplexity claim "a vs b", decided on the held-out texts (paired over them: thousands of tokens) and shown
+    with LAMBADA's ratio (the paper's statistic; one word per document, so its interval is wide) beside it — or, with
+    on="lambada", the other way round: for comparisons where a model was calibrated or trained on the held-out
+    texts' own domain, which would favour it. `heldout` maps variant → `evaluation.perplexity` result; `results`
+    maps variant → lm-eval results (needed for on="lambada")."""
+    if on not in ("heldout", "lambada"):
+        raise ValueError(f"on must be 'heldout' or 'lambada', not {on!r}")
+    name = label or f"{a} / {b}"
+    h = tuple(math.exp(x) for x in heldout_log_ratio(heldout[a], heldout[b]))
+    held_text = f"held-out ppl ratio {name} = {h[0]:.3g} ({heldout[a]['ppl']:.4g} vs {heldout[b]['ppl']:.4g})"
+    lam = None
+    if results is not None and all("lambada_openai" in results[v]["tasks"] for v in (a, b)):
+        lam = tuple(math.exp(x) for x in log_perplexity_ratio(results[a], results[b]))
+    if on == "lambada":
+        if lam is None:
+            raise ValueError(f"{claim_id}: a LAMBADA-decided claim needs both models' LAMBADA results")
+        r, lo, hi = lam
+        evidence = f"{prefix}LAMBADA ppl ratio {name} = {r:.3g}; {held_text} [{h[1]:.3g}, {h[2]:.3g}]"
+    else:
+        r, lo, hi = h
+        evidence = prefix + held_text + (f"; LAMBADA ratio {lam[0]:.3g} [{lam[1]:.3g}, {lam[2]:.3g}]" if lam else "")
+    return register.check(claim_id, r, lo, hi, evidence=evidence, interval=f"ratio 95% CI [{lo:.3g}, {hi:.3g}]",
+                          notebook=notebook)
+
+
 def results_frame(results: dict[str, dict], extra: dict[str, dict] | None = None) -> pd.DataFrame:
     """One row per variant: each task's reported metric, Avg-acc (paper definition), LAMBADA ppl, extras."""
     rows = []

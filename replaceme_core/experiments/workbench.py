@@ -22,7 +22,7 @@ from ..arch import get_adapter
 from ..io.cache import atomic_torch_save, cache_dir, hash_bytes, stable_json
 from ..merge import Replacement, apply_replacements
 from ..prune import Calibration, PruneConfig, PruneResult, calibrate, prune, select_runs
-from ..select import Run
+from ..select import Run, choose_runs, ls_residual_scores
 from ..stats import ActivationStore, DistanceStats, LSStats
 
 
@@ -57,12 +57,13 @@ def _close_all(stores: dict) -> None:
         calibration.close()
 
 
-def _ls_path(stats_dir: Path, run: Run) -> Path:
-    return stats_dir / f"ls-{run.start}-{run.n}.pt"
+def _ls_path(stats_dir: Path, run: Run, heldout: bool = False) -> Path:
+    return stats_dir / f"ls-{'heldout-' if heldout else ''}{run.start}-{run.n}.pt"
 
 
-def _save_ls(stats_dir: Path, run: Run, st: LSStats) -> None:
-    atomic_torch_save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens}, _ls_path(stats_dir, run))
+def _save_ls(stats_dir: Path, run: Run, st: LSStats, heldout: bool = False) -> None:
+    atomic_torch_save({"MtM": st.MtM.cpu(), "MtR": st.MtR.cpu(), "RtR": st.RtR.cpu(), "tokens": st.tokens},
+                      _ls_path(stats_dir, run, heldout))
 
 
 # PruneConfig fields that only decide *which* blocks go; once the runs are known they do not change the fit
@@ -85,8 +86,8 @@ def _on_host(st: LSStats) -> LSStats:
     return out
 
 
-def _load_ls(stats_dir: Path, run: Run) -> LSStats | None:
-    path = _ls_path(stats_dir, run)
+def _load_ls(stats_dir: Path, run: Run, heldout: bool = False) -> LSStats | None:
+    path = _ls_path(stats_dir, run, heldout)
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu")
@@ -96,9 +97,10 @@ def _load_ls(stats_dir: Path, run: Run) -> LSStats | None:
 
 
 def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterable[Run] = (), distances: bool = True,
-                      progress: bool = True) -> Calibration:
+                      progress: bool = True, heldout: bool = False) -> Calibration:
     """Distances and LS sums of `runs` read from `stats_dir`; whatever is missing comes from ONE capture pass and is
-    stored there (`Calibration.seconds` > 0 tells that a pass ran). `stats_dir` must be keyed by model and batches."""
+    stored there (`Calibration.seconds` > 0 tells that a pass ran). `stats_dir` must be keyed by model and batches.
+    With `heldout`, also the sums of the held-out batches alone (`ls_heldout`, for ls-residual selection)."""
     runs = list(dict.fromkeys(runs))
     dist_path = stats_dir / "distances.pt"
     out = Calibration()
@@ -107,14 +109,21 @@ def cached_statistics(model, batches: list[dict], stats_dir: Path, runs: Iterabl
     missing = []
     for run in runs:
         st = _load_ls(stats_dir, run)
-        if st is not None:
+        held = _load_ls(stats_dir, run, heldout=True) if heldout else None
+        if st is not None and (held is not None or not heldout):
             out.ls[run] = st
+            if held is not None:
+                out.ls_heldout[run] = held
         else:
             missing.append(run)
     need_dist = distances and out.distances is None
     if missing or need_dist:
-        new = calibrate(model, batches, distances=need_dist, ls_runs=missing, progress=progress,
-                        desc=f"capture ({'distances, ' if need_dist else ''}{len(missing)} LS runs)")
+        new = calibrate(model, batches, distances=need_dist, ls_runs=missing, heldout_runs=missing if heldout else (),
+                        progress=progress, desc=f"capture ({'distances, ' if need_dist else ''}{len(missing)} LS runs"
+                                                f"{', with held-out sums' if heldout else ''})")
+        for run, st in new.ls_heldout.items():
+            out.ls_heldout[run] = _on_host(st)
+            _save_ls(stats_dir, run, st, heldout=True)
         if need_dist:
             out.distances = new.distances
             atomic_torch_save(new.distances.state_dict(), dist_path)
@@ -195,9 +204,10 @@ class Workbench:
         return twin
 
     # --- statistics, cached by content ----------------------------------------------------------
-    def stats(self, runs: Iterable[Run] = (), distances: bool = True) -> Calibration:
-        """Distances and LS sums for `runs`, from the cache where present, else from ONE new capture pass."""
-        out = cached_statistics(self.model, self.batches, self.stats_dir, runs, distances, self.progress)
+    def stats(self, runs: Iterable[Run] = (), distances: bool = True, heldout: bool = False) -> Calibration:
+        """Distances and LS sums for `runs` (and with `heldout` their held-out-batch sums), from the cache where
+        present, else from ONE new capture pass."""
+        out = cached_statistics(self.model, self.batches, self.stats_dir, runs, distances, self.progress, heldout)
         out.tokens = sum(int(b["attention_mask"].sum()) for b in self.batches)
         return out
 
@@ -206,6 +216,10 @@ class Workbench:
         if cfg.start is not None:
             starts = [cfg.start] if isinstance(cfg.start, int) else cfg.start
             return [Run(int(s), cfg.run_length) for s in starts]
+        if cfg.selection == "ls-residual":  # the same rule as prune(): held-out LS fit of every candidate run
+            st = self.stats(self.candidate_runs(cfg.run_length), distances=False, heldout=True)
+            scores = ls_residual_scores(st.ls, st.ls_heldout, cfg.structure, cfg.ridge)
+            return choose_runs(scores, cfg.run_length, cfg.num_transforms, separated=cfg.separated)
         return select_runs(cfg, self.stats(distances=True).distances, self.num_layers)[0]
 
     def candidate_runs(self, n: int) -> list[Run]:
@@ -214,7 +228,7 @@ class Workbench:
     # --- variants -------------------------------------------------------------------------------
     def config(self, method: str = "ls", num_blocks: int | None = None, **overrides) -> PruneConfig:
         """A PruneConfig with the profile's defaults (number of blocks, cosine solver settings)."""
-        iterative = {k: v for k, v in self.profile.get("cosine", {}).items() if k in ("epochs", "lr", "batch_tokens")}
+        iterative = {k: v for k, v in self.profile.get("cosine", {}).items() if k in ("epochs", "lr", "batch_tokens", "init", "tol")}
         return PruneConfig(num_blocks=num_blocks or self.profile["num_blocks"], method=method, **{**iterative, **overrides})
 
     def prune(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:
@@ -233,9 +247,15 @@ class Workbench:
             replacements = [Replacement(Run(s, n), T) for s, n, T in state["replacements"]]
             apply_replacements(get_adapter(model), replacements)
             return Variant(name or f"{method} n={cfg.num_blocks}", model, json.loads(state["record"]), replacements)
-        precomputed = self.stats(runs if cfg.method == "ls" else [], distances=cfg.start is None)
-        if cfg.method in ITERATIVE_METHODS:
-            precomputed.stores = self.activation_stores(runs)
+        # an iterative method's capture also caches the runs' LS sums, so an LS start (init 'ls') costs no pass
+        stores = self.activation_stores(runs) if cfg.method in ITERATIVE_METHODS else None
+        if cfg.selection == "ls-residual" and cfg.start is None:  # prune() re-scores every candidate from these sums
+            precomputed = self.stats(self.candidate_runs(cfg.run_length), distances=False, heldout=True)
+        else:
+            with_ls = cfg.method == "ls" or (stores is not None and cfg.init == "ls")
+            precomputed = self.stats(runs if with_ls else [], distances=cfg.start is None)
+        if stores is not None:
+            precomputed.stores = stores
         result: PruneResult = prune(model, self.batches, cfg, calibration=precomputed, calibration_info=self.calibration_info, progress=self.progress)
         atomic_torch_save({"replacements": [(r.run.start, r.run.n, r.T) for r in result.replacements], "record": stable_json(result.record)}, cached)
         return Variant(name or f"{method} n={cfg.num_blocks}", model, result.record, result.replacements)
@@ -320,12 +340,16 @@ class Workbench:
         p = self.profile["perplexity"]
         return heldout_texts(p["source"], p["samples"], seed=0, tokenizer=self.tokenizer)
 
-    def perplexity(self, model) -> float:
+    def heldout(self, model) -> dict:
+        """`evaluation.perplexity` on the profile's held-out texts: ppl, and the per-text sums that pair two models."""
         from ..evaluation.perplexity import perplexity
 
         p = self.profile["perplexity"]
         return perplexity(model, self.tokenizer, self.heldout_texts(), max_length=p["max_length"], batch_size=p["batch_size"],
-                          device=_model_device(model))["ppl"]
+                          device=_model_device(model), progress=self.progress)
+
+    def perplexity(self, model) -> float:
+        return self.heldout(model)["ppl"]
 
     def describe(self) -> str:
         c = self.calibration_info

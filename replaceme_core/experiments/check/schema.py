@@ -81,7 +81,9 @@ def schema() -> dict[str, tuple[str, Callable]]:
         "perplexity.batch_size": POS_INT,
         "eval": MAPPING, "eval.*": MAPPING, **{f"eval.*.{k}": v for k, v in suite.items()},
         "selection_sweep.stride": POS_INT, "selection_sweep.suite": STR,
-        "cosine.epochs": POS_INT, "cosine.lr": POS_NUM, "cosine.batch_tokens": POS_INT,
+        **{f"{sec}.{k}": v for sec in ("cosine", "cosine_converged", "cosine_ls_init")
+           for k, v in {"epochs": POS_INT, "lr": POS_NUM, "batch_tokens": POS_INT, "init": _choice("identity", "ls"),
+                        "tol": NONNEG_NUM}.items()},
         "vision.model": STR, "vision.data": STR, "vision.image_size": POS_INT, "vision.probe_images": POS_INT,
         "vision.calibration_images": POS_INT, "vision.test_images": POS_INT, "vision.batch_size": POS_INT,
         "vision.blocks": POS_INTS, "vision.distance_tokens": _choice("all", "last"), "vision.probe_C": POS_NUM,
