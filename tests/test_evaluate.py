@@ -407,6 +407,40 @@ def test_weights_hash_is_content_not_name(model, tok, tmp_path):
     assert ev.hash_state_dict(model) != ev.hash_state_dict(other)
 
 
+def test_remembered_weights_hash_follows_every_in_place_write_and_replacement(tok):
+    from replaceme_core.evaluation import model_ref
+
+    m = make_model(tok, seed=0)
+    fresh = lambda: model_ref.hash_state_dict(m, memo=False)  # noqa: E731
+    h0 = model_ref.hash_state_dict(m)
+    assert m in model_ref._STATE_HASHES and model_ref.hash_state_dict(m) == h0 == fresh()
+    with torch.no_grad():
+        m.lm_head.weight[3, 2] += 0.25  # in place: the version counter moves
+    assert model_ref.hash_state_dict(m) == fresh() != h0
+    w = m.model.layers[0].mlp.down_proj.weight
+    m.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(w.detach().clone() * 2)  # a new tensor
+    assert model_ref.hash_state_dict(m) == fresh()
+    del m.model.layers[1]  # a block deleted: other names
+    m.config.num_hidden_layers -= 1
+    assert model_ref.hash_state_dict(m) == fresh()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()  # a training step
+    assert model_ref.hash_state_dict(m) == fresh()
+
+
+def test_remembered_tokenizer_hash_follows_added_tokens(tok):
+    import copy
+
+    from replaceme_core.evaluation import model_ref
+
+    t = copy.deepcopy(tok)
+    h0 = model_ref.hash_tokenizer(t)
+    assert model_ref.hash_tokenizer(t) == h0 == model_ref._hash_tokenizer(t)
+    t.add_tokens(["<brand-new-token>"])
+    assert model_ref.hash_tokenizer(t) == model_ref._hash_tokenizer(t) != h0
+
+
 # --------------------------------------------------------------------------------------------
 # perplexity
 # --------------------------------------------------------------------------------------------
