@@ -35,23 +35,29 @@ def _state_fingerprint(model) -> tuple:
     return tuple(parts), stable_json(_config_identity(cfg.to_dict())) if cfg is not None else ""
 
 
+def _remembered(table: weakref.WeakKeyDictionary, obj, fingerprint_of, digest_of) -> str:
+    """digest_of(obj), reused while fingerprint_of(obj) is unchanged; objects that cannot be weakly referenced are
+    digested every time."""
+    try:
+        fingerprint = fingerprint_of(obj)
+        known = table.get(obj)
+    except TypeError:
+        return digest_of(obj)
+    if known is not None and known[0] == fingerprint:
+        return known[1]
+    digest = digest_of(obj)
+    table[obj] = (fingerprint, digest)
+    return digest
+
+
 def hash_state_dict(model, memo: bool = True) -> str:
     """sha256 over (name, shape, dtype, bytes) of every tensor in the state dict; tied tensors hashed once.
 
     Remembered per model object while its fingerprint (`_state_fingerprint`) is unchanged; a write that bypasses
     the version counters (through `.data`) must pass memo=False."""
-    fingerprint = None
-    if memo:
-        with contextlib.suppress(TypeError):  # not weak-referenceable: hash every time
-            fingerprint = _state_fingerprint(model)
-            known = _STATE_HASHES.get(model)
-            if known is not None and known[0] == fingerprint:
-                return known[1]
-    digest = _hash_state_dict(model)
-    if fingerprint is not None:
-        with contextlib.suppress(TypeError):
-            _STATE_HASHES[model] = (fingerprint, digest)
-    return digest
+    if not memo:
+        return _hash_state_dict(model)
+    return _remembered(_STATE_HASHES, model, _state_fingerprint, _hash_state_dict)
 
 
 def _hash_state_dict(model) -> str:
@@ -102,17 +108,7 @@ def _tokenizer_fingerprint(tok) -> tuple:
 def hash_tokenizer(tok) -> str:
     """Content hash of a tokenizer (serialised backend, special tokens, BOS setting); remembered per object while
     its vocabulary size, special tokens and BOS setting are unchanged (serialising takes ~0.2 s)."""
-    fingerprint = None
-    with contextlib.suppress(TypeError):
-        fingerprint = _tokenizer_fingerprint(tok)
-        known = _TOKENIZER_HASHES.get(tok)
-        if known is not None and known[0] == fingerprint:
-            return known[1]
-    digest = _hash_tokenizer(tok)
-    if fingerprint is not None:
-        with contextlib.suppress(TypeError):
-            _TOKENIZER_HASHES[tok] = (fingerprint, digest)
-    return digest
+    return _remembered(_TOKENIZER_HASHES, tok, _tokenizer_fingerprint, _hash_tokenizer)
 
 
 def _hash_tokenizer(tok) -> str:
