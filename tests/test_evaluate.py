@@ -411,7 +411,7 @@ def test_remembered_weights_hash_follows_every_in_place_write_and_replacement(to
     from replaceme_core.evaluation import model_ref
 
     m = make_model(tok, seed=0)
-    fresh = lambda: model_ref.hash_state_dict(m, memo=False)  # noqa: E731
+    fresh = lambda: model_ref._hash_state_dict(m)  # noqa: E731
     h0 = model_ref.hash_state_dict(m)
     assert m in model_ref._STATE_HASHES and model_ref.hash_state_dict(m) == h0 == fresh()
     with torch.no_grad():
@@ -438,7 +438,10 @@ def test_remembered_tokenizer_hash_follows_added_tokens(tok):
     h0 = model_ref.hash_tokenizer(t)
     assert model_ref.hash_tokenizer(t) == h0 == model_ref._hash_tokenizer(t)
     t.add_tokens(["<brand-new-token>"])
-    assert model_ref.hash_tokenizer(t) == model_ref._hash_tokenizer(t) != h0
+    h1 = model_ref.hash_tokenizer(t)
+    assert h1 == model_ref._hash_tokenizer(t) != h0
+    t.add_eos_token = not bool(getattr(t, "add_eos_token", False))  # rewrites the post-processor only
+    assert model_ref.hash_tokenizer(t) == model_ref._hash_tokenizer(t) != h1
 
 
 # --------------------------------------------------------------------------------------------

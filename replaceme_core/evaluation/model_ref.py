@@ -50,13 +50,11 @@ def _remembered(table: weakref.WeakKeyDictionary, obj, fingerprint_of, digest_of
     return digest
 
 
-def hash_state_dict(model, memo: bool = True) -> str:
+def hash_state_dict(model) -> str:
     """sha256 over (name, shape, dtype, bytes) of every tensor in the state dict; tied tensors hashed once.
 
-    Remembered per model object while its fingerprint (`_state_fingerprint`) is unchanged; a write that bypasses
-    the version counters (through `.data`) must pass memo=False."""
-    if not memo:
-        return _hash_state_dict(model)
+    Remembered per model object while its fingerprint (`_state_fingerprint`) is unchanged. A write through `.data`
+    bypasses the version counters; nothing here writes that way, and code that does must call `_hash_state_dict`."""
     return _remembered(_STATE_HASHES, model, _state_fingerprint, _hash_state_dict)
 
 
@@ -101,13 +99,16 @@ _TOKENIZER_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _tokenizer_fingerprint(tok) -> tuple:
     backend = getattr(tok, "backend_tokenizer", None)
     special = {k: str(v) for k, v in (getattr(tok, "special_tokens_map", {}) or {}).items()}
+    post = backend.post_processor if backend is not None else None  # where add_bos/add_eos take effect
     return (type(tok).__name__, len(tok), stable_json(special), str(getattr(tok, "add_bos_token", None)),
+            str(getattr(tok, "add_eos_token", None)), post.__getstate__() if post is not None else None,
             backend.get_vocab_size(with_added_tokens=True) if backend is not None else None)
 
 
 def hash_tokenizer(tok) -> str:
     """Content hash of a tokenizer (serialised backend, special tokens, BOS setting); remembered per object while
-    its vocabulary size, special tokens and BOS setting are unchanged (serialising takes ~0.2 s)."""
+    its vocabulary size, special tokens, BOS/EOS settings and post-processor are unchanged (serialising the whole
+    backend takes ~0.2 s)."""
     return _remembered(_TOKENIZER_HASHES, tok, _tokenizer_fingerprint, _hash_tokenizer)
 
 
