@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def run_notebooks(profile: str = "cpu", notebooks_dir: str | Path = "notebooks",
     for name in names:
         t0 = time.perf_counter()
         print(f"[paper] {name} (profile {profile}) …", flush=True)
+        os.environ["REPLACEME_NOTEBOOK"] = name  # the kernel inherits it: labels the optional timing log
         pm.execute_notebook(
             str(src / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
             parameters={"profile": profile, "figures_dir": str(figures)},

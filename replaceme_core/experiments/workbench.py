@@ -7,7 +7,9 @@ shares one capture, and a re-run with nothing changed performs no forward pass f
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import os
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,26 @@ from ..merge import Replacement, apply_replacements
 from ..prune import Calibration, PruneConfig, PruneResult, calibrate, prune, select_runs
 from ..select import Run, choose_runs, ls_residual_scores
 from ..stats import ActivationStore, DistanceStats, LSStats
+
+
+def _timed(op: str):
+    """With REPLACEME_TIMING_LOG set, append one JSON line per call (op, suite/method, seconds): where `make paper`
+    spends its time, notebook by notebook (the paper runner names the notebook in REPLACEME_NOTEBOOK)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(self, *args, **kwargs):
+            path = os.environ.get("REPLACEME_TIMING_LOG")
+            if not path:
+                return fn(self, *args, **kwargs)
+            t0 = time.perf_counter()
+            out = fn(self, *args, **kwargs)
+            detail = [a for a in args if isinstance(a, (str, int))] + [f"{k}={v}" for k, v in kwargs.items() if isinstance(v, (str, int, float))]
+            with open(path, "a") as f:
+                f.write(json.dumps({"notebook": os.environ.get("REPLACEME_NOTEBOOK"), "op": op, "detail": detail,
+                                    "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
+            return out
+        return timed
+    return wrap
 
 
 def load_profile(name_or_path: str) -> dict:
@@ -204,6 +226,7 @@ class Workbench:
         return twin
 
     # --- statistics, cached by content ----------------------------------------------------------
+    @_timed("stats")
     def stats(self, runs: Iterable[Run] = (), distances: bool = True, heldout: bool = False) -> Calibration:
         """Distances and LS sums for `runs` (and with `heldout` their held-out-batch sums), from the cache where
         present, else from ONE new capture pass."""
@@ -231,6 +254,7 @@ class Workbench:
         iterative = {k: v for k, v in self.profile.get("cosine", {}).items() if k in ("epochs", "lr", "batch_tokens", "init", "tol")}
         return PruneConfig(num_blocks=num_blocks or self.profile["num_blocks"], method=method, **{**iterative, **overrides})
 
+    @_timed("prune")
     def prune(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:
         """A pruned copy of the base model.
 
@@ -303,6 +327,7 @@ class Workbench:
     def _store_path(self, run: Run) -> Path:
         return self.stats_dir / f"store-{run.start}-{run.n}"
 
+    @_timed("prune_separate")
     def prune_separate(self, method: str = "ls", num_blocks: int | None = None, name: str | None = None, **overrides) -> Variant:
         """Like `prune`, but T maps the kept block's whole output (Table 10; `separate.py`): in memory only."""
         from ..separate import apply_separate, fit_separate
@@ -324,6 +349,7 @@ class Workbench:
         return Variant(name or f"{method} separate n={cfg.num_blocks}", model, record, replacements)
 
     # --- measurement ----------------------------------------------------------------------------
+    @_timed("evaluate")
     def evaluate(self, model, suite: str = "main", **overrides) -> dict:
         from ..evaluation.runner import DEFAULT_BACKEND, evaluate
 
@@ -340,6 +366,7 @@ class Workbench:
         p = self.profile["perplexity"]
         return heldout_texts(p["source"], p["samples"], seed=0, tokenizer=self.tokenizer)
 
+    @_timed("heldout")
     def heldout(self, model) -> dict:
         """`evaluation.perplexity` on the profile's held-out texts: ppl, and the per-text sums that pair two models."""
         from ..evaluation.perplexity import perplexity
