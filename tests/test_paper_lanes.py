@@ -1,0 +1,37 @@
+"""make paper's lanes: every notebook in exactly one lane, and the shipped profiles' lanes name the notebooks there are."""
+from pathlib import Path
+
+import pytest
+
+from replaceme_core.experiments.paper import notebook_names, plan_lanes
+from replaceme_core.experiments.workbench import load_profile
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def test_no_lanes_is_one_serial_lane():
+    assert plan_lanes(None, ["00_a", "01_b"]) == [["00_a", "01_b"]]
+
+
+def test_lanes_kept_in_the_given_order():
+    assert plan_lanes([["00_a"], ["02_c", "01_b"]], ["00_a", "01_b", "02_c"]) == [["00_a"], ["02_c", "01_b"]]
+
+
+@pytest.mark.parametrize("lanes, message", [
+    ([["00_a"], ["01_b"]], "missing ['02_c']"),
+    ([["00_a", "01_b"], ["02_c", "09_z"]], "unknown ['09_z']"),
+    ([["00_a", "01_b"], ["02_c", "01_b"]], "listed twice ['01_b']"),
+])
+def test_a_lane_plan_that_misses_or_repeats_a_notebook_is_refused(lanes, message):
+    with pytest.raises(ValueError, match="must list every notebook once") as err:
+        plan_lanes(lanes, ["00_a", "01_b", "02_c"])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "smoke", "gpu", "paper"])
+def test_shipped_profiles_plan_every_notebook(profile):
+    names = notebook_names(NOTEBOOKS)
+    lanes = plan_lanes(load_profile(profile).get("lanes"), names)
+    assert sorted(n for lane in lanes for n in lane) == names
+    if load_profile(profile).get("lanes"):
+        assert lanes[0] == ["00_tutorial"]  # it fills the shared caches before the lanes fan out
