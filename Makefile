@@ -37,8 +37,9 @@ assets: $(STAMP)
 
 test: test-unit test-notebooks
 
+# Two workers (the tests run single-threaded, tests/conftest.py); a file's tests stay on one worker.
 test-unit: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # Every notebook on the smoke profile, into a scratch figures folder (figures/ keeps the real results).
 test-notebooks: setup
