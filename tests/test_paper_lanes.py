@@ -35,3 +35,25 @@ def test_shipped_profiles_plan_every_notebook(profile):
     assert sorted(n for lane in lanes for n in lane) == names
     if load_profile(profile).get("lanes"):
         assert lanes[0] == ["00_tutorial"]  # it fills the shared caches before the lanes fan out
+
+
+def test_timing_log_appends_one_line_per_call_only_when_asked(tmp_path, monkeypatch):
+    import json
+
+    from replaceme_core.experiments.workbench import _timed
+
+    class Bench:
+        @_timed("evaluate")
+        def evaluate(self, model, suite="main", **kw):
+            return (model, suite)
+
+    log = tmp_path / "timing.jsonl"
+    monkeypatch.delenv("REPLACEME_TIMING_LOG", raising=False)
+    assert Bench().evaluate("m", "window") == ("m", "window") and not log.exists()
+    monkeypatch.setenv("REPLACEME_TIMING_LOG", str(log))
+    monkeypatch.setenv("REPLACEME_NOTEBOOK", "02_x")
+    assert Bench().evaluate(object(), "window", limit=3)[1] == "window"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 1
+    assert rows[0]["notebook"] == "02_x" and rows[0]["op"] == "evaluate" and rows[0]["detail"] == ["window", "limit=3"]
+    assert rows[0]["seconds"] >= 0

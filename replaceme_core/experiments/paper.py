@@ -52,8 +52,8 @@ def write_index(figures: str | Path = "figures", profile: str = "cpu", timings: 
     if timings:
         lines += ["", "| notebook | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
         if wall_seconds is not None:
-            lines += ["", f"`make paper` wall time: {wall_seconds:.0f} s ({wall_seconds / 60:.1f} min; notebooks in the profile's "
-                          "`lanes` run side by side, so their seconds add up to more)."]
+            lines += ["", f"`make paper` wall time: {wall_seconds:.0f} s ({wall_seconds / 60:.1f} min; where the profile sets "
+                          "`lanes`, notebooks run side by side and their seconds add up to more)."]
     path = out / "README.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -80,8 +80,9 @@ def plan_lanes(lanes: list[list[str]] | None, names: list[str]) -> list[list[str
 
 def run_notebooks(profile: str = "cpu", notebooks_dir: str | Path = "notebooks", build_dir: str | Path = "build",
                   figures: str | Path = "figures", only: list[str] | None = None) -> dict[str, float]:
-    """Execute the notebooks. With `only`, those in order here; otherwise by the profile's `lanes`: the first lane
-    here, then every further lane as its own single-threaded process, side by side (2 cores: ~1.2-1.3x)."""
+    """Execute the notebooks. With `only`, those (in name order) here; otherwise by the profile's `lanes`: the first
+    lane here, then every further lane as its own single-threaded process, side by side (measured on 2 cores: ~1.1x
+    the throughput of one 2-thread process on forward passes, more on the per-notebook overheads)."""
     names = notebook_names(notebooks_dir)
     if only:
         unknown = set(only) - set(names)
