@@ -175,11 +175,16 @@ def run_capture(
 
 
 def collect_block_outputs(model: nn.Module, batches: Iterable[dict], blocks: Iterable[int], max_tokens: int = 4096,
-                          progress: bool = False) -> dict[int, torch.Tensor]:
-    """Real-token outputs of `blocks` (float32, CPU), up to `max_tokens` rows — for statistics that need the
-    activations themselves (e.g. CKA), where a bounded sample is enough."""
+                          progress: bool = False, tokens: str = "all") -> dict[int, torch.Tensor]:
+    """Outputs of `blocks` (float32, CPU) — for statistics that need the activations themselves.
+
+    `tokens="all"`: real-token rows, up to `max_tokens` (e.g. CKA, where a bounded sample is enough).
+    `tokens="last"`: each sequence's last real token, one row per sequence of every batch (`max_tokens` unused) —
+    the per-sequence terms of the paper's last-token distance, for resampling the calibration set."""
     from .arch import get_adapter
 
+    if tokens not in ("all", "last"):
+        raise ValueError(f"tokens must be 'all' or 'last', got {tokens!r}")
     adapter = get_adapter(model)
     blocks = sorted(set(blocks))
     rows: dict[int, list[torch.Tensor]] = {i: [] for i in blocks}
@@ -187,6 +192,10 @@ def collect_block_outputs(model: nn.Module, batches: Iterable[dict], blocks: Ite
 
     def consume(acts: Activations) -> None:
         nonlocal seen
+        if tokens == "last":
+            for i in blocks:
+                rows[i].append(acts.last(acts.block_out[i]).float().cpu())
+            return
         take = max_tokens - seen
         if take <= 0:
             return
@@ -195,9 +204,9 @@ def collect_block_outputs(model: nn.Module, batches: Iterable[dict], blocks: Ite
         seen += min(take, int(acts.mask.sum()))
 
     chosen = []
-    for b in batches:  # stop reading batches once enough tokens are in
+    for b in batches:  # all-token rows: stop reading batches once enough tokens are in
         chosen.append(b)
-        if sum(int(x["attention_mask"].sum()) for x in chosen) >= max_tokens:
+        if tokens == "all" and sum(int(x["attention_mask"].sum()) for x in chosen) >= max_tokens:
             break
     run_capture(model, adapter, chosen, consume, block_outputs=blocks, progress=progress, desc="collect outputs")
     return {i: torch.cat(r) for i, r in rows.items()}

@@ -62,6 +62,61 @@ def run_scores(distance: torch.Tensor, n: int) -> dict[int, float]:
     return {s: float(distance[s - 1, s + n - 1]) for s in range(1, L - n + 1)}
 
 
+def run_score_samples(outputs: dict[int, torch.Tensor], n: int) -> dict[int, torch.Tensor]:
+    """Per-sequence terms of the last-token run score: for every valid start, the angular distance arccos(cos)/π
+    between L_{start−1} and L_{start+n−1} of each sequence, [sequences].
+
+    `outputs[i]` is block i's last-token output [sequences, d] for every block i (capture.collect_block_outputs with
+    tokens="last"). The mean over sequences is `run_scores` of the last-token angular distance matrix."""
+    L = len(outputs)
+    if sorted(outputs) != list(range(L)):
+        raise ValueError(f"outputs must hold every block 0..{L - 1}, got blocks {sorted(outputs)}")
+    validate_run(Run(1, n), L)
+    unit = {i: (x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)) for i, x in outputs.items()}
+    return {s: torch.arccos((unit[s - 1] * unit[s + n - 1]).sum(-1).clamp(-1.0, 1.0)) / torch.pi
+            for s in range(1, L - n + 1)}
+
+
+@dataclass(frozen=True)
+class PickBootstrap:
+    """Run scores recomputed on `reps` bootstrap resamples of the calibration sequences."""
+
+    starts: list[int]
+    means: torch.Tensor  # [reps, len(starts)]: mean score of each start on each resample
+
+    def support(self) -> dict[int, float]:
+        """Fraction of resamples in which each start has the lowest score (ties: the lowest start, as `choose_runs`)."""
+        best = self.means.argmin(dim=1)  # first minimum = lowest start: `starts` is sorted
+        counts = torch.bincount(best, minlength=len(self.starts)).double() / self.means.shape[0]
+        return {s: float(c) for s, c in zip(self.starts, counts)}
+
+    def interval(self, level: float = 0.95) -> dict[int, tuple[float, float]]:
+        """Percentile interval of each start's score over the resamples."""
+        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=self.means.dtype)
+        bounds = torch.quantile(self.means, q, dim=0)
+        return {s: (float(bounds[0, j]), float(bounds[1, j])) for j, s in enumerate(self.starts)}
+
+
+def bootstrap_picks(samples: dict[int, torch.Tensor], reps: int = 2000, seed: int = 0) -> PickBootstrap:
+    """Resample the sequences with replacement `reps` times and recompute every run's mean score: how often the
+    argmin rule would pick each run had the calibration set been another draw of the same size. A pick with low
+    support is a property of the sample more than of the model."""
+    if reps <= 0:
+        raise ValueError(f"reps must be positive, got {reps}")
+    starts = sorted(samples)
+    A = torch.stack([samples[s].double() for s in starts], dim=1)  # [N, starts]
+    N = A.shape[0]
+    if N == 0:
+        raise ValueError("no sequences to resample")
+    g = torch.Generator().manual_seed(seed)
+    means = []
+    for lo in range(0, reps, 256):  # bounded memory: 256 resamples × N weights at a time
+        idx = torch.randint(0, N, (min(256, reps - lo), N), generator=g)
+        weights = torch.zeros(idx.shape, dtype=torch.float64).scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float64))
+        means.append(weights @ A / N)
+    return PickBootstrap(starts, torch.cat(means))
+
+
 def merge_touching(runs: list[Run]) -> list[Run]:
     """Merge overlapping or adjacent runs into one run each (one T for the merged run)."""
     merged: list[Run] = []

@@ -238,3 +238,65 @@ def test_ls_residual_needs_a_fitted_map_and_one_process():
 
     with pytest.raises(ValueError, match="select in one process"):
         prune_distributed(build_model("llama"), calib_batches(), PruneConfig(num_blocks=2, selection="ls-residual"))
+
+
+# ---- stability of the pick under resampling of the calibration sequences (notebook 03) ----------------------------
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_run_score_samples_average_to_the_last_token_distance_matrix(padding):
+    """Per-sequence terms (own last-token collection + own angle) average to DistanceStats' last-token run scores."""
+    from replaceme_core.capture import collect_block_outputs
+    from replaceme_core.prune import calibrate
+    from replaceme_core.select import run_score_samples
+
+    model, batches = build_model("llama", seed=4), calib_batches(seed=4, padding=padding)
+    L, n = len(model.model.layers), 2
+    last = collect_block_outputs(model, batches, range(L), tokens="last")
+    assert all(x.shape[0] == sum(b["input_ids"].shape[0] for b in batches) for x in last.values())
+    samples = run_score_samples(last, n)
+    expected = run_scores(calibrate(model, batches, distances=True, progress=False).distances.matrix("angular", "last"), n)
+    assert sorted(samples) == sorted(expected)
+    for s, v in samples.items():
+        assert float(v.mean()) == pytest.approx(expected[s], rel=1e-6, abs=1e-9)
+
+
+def test_last_token_collection_reads_each_sequence_at_its_last_real_token():
+    """Against the model's own hidden states (block i's output = hidden_states[i + 1] below the final norm)."""
+    from replaceme_core.capture import collect_block_outputs
+
+    model, batches = build_model("llama", seed=5), calib_batches(seed=5, n_batches=1, padding="left")
+    last = collect_block_outputs(model, batches, [0, 1], tokens="last")
+    with torch.no_grad():
+        hidden = model(**batches[0], output_hidden_states=True).hidden_states
+    # left padding: every sequence's last real token is at the last position
+    for i in (0, 1):
+        assert torch.allclose(last[i], hidden[i + 1][:, -1].float(), atol=1e-6)
+    with pytest.raises(ValueError, match="'all' or 'last'"):
+        collect_block_outputs(model, batches, [0], tokens="first")
+
+
+def test_bootstrap_support_matches_the_resampling_distribution():
+    """Start 1 scores 0 or 1 on two sequences, start 2 a constant 0.6: a resample of 2 sequences has mean 0, 0.5 or 1
+    with probabilities 1/4, 1/2, 1/4, so start 1 wins with probability 3/4."""
+    from replaceme_core.select import bootstrap_picks
+
+    samples = {1: torch.tensor([0.0, 1.0]), 2: torch.tensor([0.6, 0.6])}
+    boot = bootstrap_picks(samples, reps=20000, seed=1)
+    support = boot.support()
+    assert support[1] == pytest.approx(0.75, abs=0.015) and support[1] + support[2] == pytest.approx(1.0)
+    assert boot.interval()[2] == pytest.approx((0.6, 0.6))
+    assert boot.interval()[1] == pytest.approx((0.0, 1.0))
+    again = bootstrap_picks(samples, reps=20000, seed=1)
+    assert torch.equal(again.means, boot.means)  # the seed is the only randomness
+
+
+def test_bootstrap_support_is_one_for_a_run_lowest_on_every_sequence_and_ties_go_to_the_lowest_start():
+    from replaceme_core.select import bootstrap_picks
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(30, generator=g)
+    boot = bootstrap_picks({1: base + 1, 2: base, 3: base + 0.5}, reps=500, seed=0)
+    assert boot.support() == {1: 0.0, 2: 1.0, 3: 0.0}
+    assert bootstrap_picks({4: base, 7: base.clone()}, reps=50).support() == {4: 1.0, 7: 0.0}
+    with pytest.raises(ValueError, match="positive"):
+        bootstrap_picks({1: base}, reps=0)
