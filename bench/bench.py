@@ -1,13 +1,13 @@
 """`make bench`: cost of compression and speed of the result, as ratios measured side by side in one run.
 
-    python bench/bench.py [--quick] [--out bench/RESULTS.md] [--only eval] [--eval-limit N]
+    python bench/bench.py [--quick] [--out bench/RESULTS.md] [--only eval|lanes] [--eval-limit N]
 
 Every ratio compares two things timed in the same process, interleaved (A B A B …, best of the repetitions),
 so machine noise cancels as far as it can; absolute times are reported for scale only and never gated on.
 Peak RSS is measured in a fresh subprocess per configuration (VmHWM from /proc/self/status), so
 configurations do not contaminate each other. Results: bench/RESULTS.md (+ bench/results.json), written atomically.
-Section 7 (evaluation backend, bench/eval_backend.py) runs in its own process; `--only eval` runs just that section
-and merges it into the existing results.
+Sections 7 (evaluation backend, bench/eval_backend.py) and 8 (make paper's lanes, bench/lanes.py) run in their own
+processes; `--only eval` / `--only lanes` runs just that section and merges it into the existing results.
 """
 from __future__ import annotations
 
@@ -384,6 +384,33 @@ def bench_eval(limit: int) -> dict:
         return json.loads(out.read_text())
 
 
+def bench_lanes(limit: int) -> dict:
+    """8: make paper's lanes (bench/lanes.py), in fresh processes: two 1-thread lanes vs one 2-thread process."""
+    with tempfile.TemporaryDirectory(prefix="replaceme-bench-lanes-") as work:
+        out = Path(work) / "lanes.json"
+        proc = subprocess.run([sys.executable, str(HERE / "lanes.py"), "--limit", str(limit), "--json", str(out)],
+                              stdout=subprocess.DEVNULL, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench/lanes.py --limit {limit} failed (exit {proc.returncode})")
+        return json.loads(out.read_text())
+
+
+def lanes_summary_rows(R: dict) -> list[str]:
+    if "lanes" not in R:
+        return []
+    L = R["lanes"]
+    return [f"| 8 | make paper's lanes: work per wall second of two 1-thread processes ÷ one 2-thread process | "
+            f"{L['ratio']:.2f}× | report (> 1: lanes win) | — |"]
+
+
+def lanes_section(R: dict) -> list[str]:
+    if "lanes" not in R:
+        return []
+    from lanes import render_section
+
+    return render_section(R["lanes"], number=8)
+
+
 def eval_summary_rows(R: dict) -> list[str]:
     if "eval_backend" not in R:
         return []
@@ -435,6 +462,7 @@ def render(R: dict) -> str:
         f"| 5b | pruned decode speedup ÷ ideal | {sp['decode_frac_ideal']:.1%} | report | — |",
         f"| 6 | capture memory vs calibration tokens (fitted exponent of peak RSS) | {sc['axes']['tokens']['peak_rss_exponent']:.3f} | ≈ 0 | {yes(abs(sc['axes']['tokens']['peak_rss_exponent']) < 0.1)} |",
         *eval_summary_rows(R),
+        *lanes_summary_rows(R),
         "",
         "## 1. Compression cost vs the physical limit", "",
         f"Bare forward = `model.model(...)` under `torch.no_grad()` over the same batches (all 30 blocks, no LM head): "
@@ -511,6 +539,7 @@ def render(R: dict) -> str:
         "∝ L (one more block to run, one more candidate run of Gram sums per layer).",
         "",
         *eval_section(R),
+        *lanes_section(R),
         "## Beyond one device", "",
         "Data-parallel calibration (`replaceme_core/distributed.py`, `torchrun --nproc_per_node W -m replaceme_core.distributed …`) "
         "and model-parallel capture through accelerate are described in [SCALE.md](SCALE.md); both are tested on CPU "
@@ -528,19 +557,22 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def only_eval(out: Path, limit: int) -> int:
-    """Section 7 alone, merged into the last full run's results (or, without one, a file holding only section 7)."""
+def only_section(out: Path, name: str, limit: int) -> int:
+    """Section 7 (`eval`) or 8 (`lanes`) alone, merged into the last full run's results (or, without one, a file
+    holding only the sections run alone)."""
+    number, key, measure, section = {"eval": (7, "eval_backend", bench_eval, eval_section),
+                                     "lanes": (8, "lanes", bench_lanes, lanes_section)}[name]
     previous = out.with_suffix(".json")
     R = json.loads(previous.read_text()) if previous.is_file() else {}
-    R["eval_backend"] = bench_eval(limit)
+    R[key] = measure(limit)
     write_atomic(out.with_suffix(".json"), json.dumps(R, indent=2, default=str) + "\n")
     if "cost" in R:
         text = render(R)
     else:
-        text = "\n".join(["# Benchmarks", "", "Only section 7 has been run (`bench/bench.py --only eval`).", "",
-                          *eval_section(R)])
+        text = "\n".join(["# Benchmarks", "", "Only sections run alone (`bench/bench.py --only eval|lanes`) are here.", "",
+                          *eval_section(R), *lanes_section(R)])
     write_atomic(out, text)
-    log(f"wrote {out} (section 7 only, {time.perf_counter() - T0:.0f} s)")
+    log(f"wrote {out} (section {number} only, {time.perf_counter() - T0:.0f} s)")
     return 0
 
 
@@ -549,10 +581,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run of the script, not a measurement)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--only", choices=["all", "eval"], default="all",
-                   help="eval: run only section 7 (evaluation backend) and put it into the existing RESULTS.json/.md, "
-                        "the other sections kept from their last run")
+    p.add_argument("--only", choices=["all", "eval", "lanes"], default="all",
+                   help="eval / lanes: run only section 7 (evaluation backend) / 8 (make paper's lanes) and put it into "
+                        "the existing RESULTS.json/.md, the other sections kept from their last run")
     p.add_argument("--eval-limit", type=int, default=None, help="documents per task for section 7 (default 100; 5 with --quick)")
+    p.add_argument("--lanes-limit", type=int, default=None, help="documents per task for section 8 (default 40; 4 with --quick)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.child:
@@ -560,8 +593,9 @@ def main() -> int:
         return 0
     out = Path(args.out)
     eval_limit = args.eval_limit or (5 if args.quick else 100)
-    if args.only == "eval":
-        return only_eval(out, eval_limit)
+    lanes_limit = args.lanes_limit or (4 if args.quick else 40)
+    if args.only != "all":
+        return only_section(out, args.only, eval_limit if args.only == "eval" else lanes_limit)
     from replaceme_core.assets import resolve_model
 
     sizes = {"samples": 8, "max_length": 160, "reps": 1, "cos_samples": 8, "sweep_samples": 8} if args.quick else \
@@ -582,6 +616,7 @@ def main() -> int:
     R["cosine"] = bench_cosine(sizes["cos_samples"], sizes["max_length"])
     R["scaling"] = bench_scaling(args.quick)
     R["eval_backend"] = bench_eval(eval_limit)
+    R["lanes"] = bench_lanes(lanes_limit)
     R["wall_s"] = time.perf_counter() - T0
     R["loadavg_end"] = os.getloadavg()
     write_atomic(out.with_suffix(".json"), json.dumps(R, indent=2, default=str) + "\n")
