@@ -144,3 +144,69 @@ def test_family_entries_cover_other_profiles_instances():
     assert (spec.id, spec.kind) == ("sweep.acc.n16", "greater")
     with pytest.raises(RegisterError, match="not in the register"):
         reg.spec("sweep.margin.n16")
+
+
+# ---- how much more data an inconclusive claim needs (Register.check's data_to_decide, CLAIMS.md) ------------------
+
+def test_data_to_decide_gives_80_percent_power_in_a_simulation():
+    """An inconclusive paired mean over n documents; with factor × n documents and the true effect equal to the
+    observed one, a simulated 95% interval clears the bound in about 80% of repetitions."""
+    import numpy as np
+
+    sd, effect, n = 1.0, 0.1, 100
+    half = 1.959964 * sd / np.sqrt(n)  # the interval a run of n documents reports: [effect - half, effect + half]
+    spec = parse_register([entry("greater")]).spec("x.y")
+    assert spec.decide(effect - half, effect + half) == "inconclusive"
+    factor = spec.data_to_decide(effect, effect - half, effect + half)
+    m = int(round(factor * n))
+    assert m == 785  # (2.80 / 0.1)² = 784.9
+    d = np.random.default_rng(1).normal(effect, sd, size=(3000, m))
+    lower = d.mean(1) - 1.959964 * d.std(1, ddof=1) / np.sqrt(m)
+    assert 0.77 < (lower > 0).mean() < 0.83
+
+
+def test_data_to_decide_reads_ratios_on_the_log_scale_and_margins_at_their_bound():
+    import math
+
+    ratio = parse_register([entry("less", value=1)]).spec("x.y")
+    log_diff = parse_register([entry("less", value=0)]).spec("x.y")
+    est, lo, hi = 1.28, 0.785, 2.17
+    assert ratio.data_to_decide(est, lo, hi) == pytest.approx(log_diff.data_to_decide(math.log(est), math.log(lo), math.log(hi)))
+    c = (1.959964 + 0.841621) / 1.959964
+    # non-inferiority: distance to null − margin, the interval's lower half
+    ni = parse_register([entry("non_inferior", value=0, margin=0.01)]).spec("x.y")
+    assert ni.data_to_decide(0.018, -0.054, 0.089) == pytest.approx(((0.018 + 0.054) * c / (0.018 + 0.01)) ** 2)
+    # equivalence inside the band: held needs both bounds cleared, the harder one decides
+    eq = parse_register([entry("equivalent", value=0, margin=0.05)]).spec("x.y")
+    near, far = (0.06 * c / 0.04) ** 2, (0.05 * c / 0.06) ** 2
+    assert eq.data_to_decide(0.01, -0.04, 0.07) == pytest.approx(max(near, far))
+    # outside the band: not held needs the crossed bound cleared
+    assert eq.data_to_decide(0.08, 0.0, 0.15) == pytest.approx((0.08 * c / 0.03) ** 2)
+    assert math.isinf(parse_register([entry("greater")]).spec("x.y").data_to_decide(0.0, -0.08, 0.08))
+
+
+def test_only_inconclusive_sampling_claims_are_sized():
+    import math
+
+    reg = parse_register([entry("greater", cid="a.one"), entry("greater", cid="a.mc", sampling=False)])
+    assert math.isnan(reg.check("a.one", 0.1, 0.05, 0.2).data_to_decide)          # held: nothing to size
+    assert reg.check("a.one", 0.03, -0.04, 0.1).data_to_decide > 2
+    assert math.isnan(reg.check("a.mc", 0.03, -0.04, 0.1).data_to_decide)          # not a sampling interval
+    with pytest.raises(RegisterError, match="sampling must be true or false"):
+        parse_register([entry("greater", sampling="no")])
+
+
+def test_claims_page_says_how_far_the_inconclusive_claims_are(tmp_path):
+    reg = parse_register([entry("greater", cid=f"a.{i}") for i in range(4)] + [entry("greater", cid="a.mc", sampling=False)])
+    rows = [reg.check("a.0", 0.05, -0.01, 0.11),   # ≈ 2.9×: within 4×
+            reg.check("a.1", 0.01, -0.2, 0.22),    # ≈ 900×: beyond 100×
+            reg.check("a.2", 0.0, -0.1, 0.1),      # on the bound: no effect seen
+            reg.check("a.3", 0.2, 0.1, 0.3),       # held
+            reg.check("a.mc", 0.01, -0.2, 0.22)]   # not sized
+    pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp_path / "claims_01_main_results.csv", index=False)
+    text = write_claims_page(tmp_path, reg).read_text()
+    assert ("How far the 4 inconclusive claims are from a verdict" in text
+            and "1 within 4× the data, 0 within 4–10×, 0 within 10–100×, 1 beyond 100×, 1 with no effect seen" in text
+            and "1 not sized (no sampling interval to scale)" in text)
+    assert "**inconclusive** (≈ 2.9× the data)" in text and "**inconclusive** (no effect seen)" in text
+    assert "**held** |" in text  # decided claims carry no sizing

@@ -28,6 +28,14 @@ held, the claim's verdict is **untestable** — the model cannot show it — and
 An id with ``*`` declares a family (e.g. ``sweep.ls_vs_uidl.acc.n*``): the test of every instance another profile
 checks (other block counts, sizes, models) that has no entry of its own.
 
+For an inconclusive claim the register also says how much more data would decide it (`data_to_decide`): the factor
+by which the documents (texts, windows) scored would have to grow for the interval to clear the deciding bound with
+80% power, were the true effect the one observed — a planning number for a larger run, not evidence. The interval is
+taken to shrink as 1/√n: factor = (h · (z₀.₉₇₅ + z₀.₈) / (z₀.₉₇₅ · δ))², h the interval's half on the bound's side,
+δ the estimate's distance to the bound; a ratio (``null`` 1, positive interval) on the log scale; infinite when the
+estimate sits on the bound. A claim whose interval is not a sampling interval (an extrapolation range, Monte-Carlo
+error) declares ``sampling: false`` and gets none.
+
 `write_claims_page` assembles figures/CLAIMS.md from the notebooks' claims_*.csv files and the register: every
 claim with its verdict, interval, notebook and table, a count at the top, and the register's claims that no
 notebook checked in this run.
@@ -49,6 +57,8 @@ from ..io.cache import atomic_write_text
 
 VERDICTS = ("held", "not held", "inconclusive", "untestable")
 KINDS = ("greater", "less", "at_least", "at_most", "non_inferior", "not_worse_lower", "equivalent")
+Z95 = 1.959963984540054  # two-sided 95%
+POWER_Z = Z95 + 0.8416212335729143  # ... plus z of 80% power
 
 
 class RegisterError(ValueError):
@@ -70,6 +80,7 @@ class ClaimSpec:
     headline: bool = False
     reason: str = ""
     requires: str = ""  # a premise claim's id: unless it is held, this claim is untestable
+    sampling: bool = True  # its interval shrinks with more documents (false: an extrapolation range, Monte-Carlo error)
 
     def decide(self, lo: float, hi: float) -> str:
         """The verdict of the declared test for a 95% interval [lo, hi]."""
@@ -87,6 +98,30 @@ class ClaimSpec:
             return "held" if hi < c + m else ("not held" if lo >= c + m else "inconclusive")
         # equivalent
         return "held" if (lo > c - m and hi < c + m) else ("not held" if (lo >= c + m or hi <= c - m) else "inconclusive")
+
+    def data_to_decide(self, estimate: float, lo: float, hi: float) -> float:
+        """How many times the data would decide this claim with 80% power at the observed effect (module docstring);
+        NaN where more data would not narrow the interval or the numbers are missing."""
+        if not self.sampling or any(math.isnan(x) for x in (estimate, lo, hi)):
+            return float("nan")
+        lo, hi = min(lo, hi), max(lo, hi)
+        bounds = {"non_inferior": [self.null - self.margin], "not_worse_lower": [self.null + self.margin],
+                  "equivalent": [self.null - self.margin, self.null + self.margin]}.get(self.kind, [self.null])
+        if self.null == 1 and lo > 0 and estimate > 0 and min(bounds) > 0:  # a ratio: symmetric on the log scale
+            estimate, lo, hi, bounds = math.log(estimate), math.log(lo), math.log(hi), [math.log(b) for b in bounds]
+        if self.kind == "equivalent" and bounds[0] < estimate < bounds[1]:
+            need = bounds  # held: the interval must clear both bounds
+        else:
+            need = [min(bounds, key=lambda b: abs(estimate - b))]  # the bound the estimate is nearest to (or beyond)
+
+        def factor(bound: float) -> float:
+            distance = abs(estimate - bound)
+            if distance == 0:
+                return float("inf")
+            half = (estimate - lo) if bound < estimate else (hi - estimate)
+            return (half * POWER_Z / (Z95 * distance)) ** 2
+
+        return max(factor(b) for b in need)
 
     def test_text(self) -> str:
         bound = {"greater": f"> {self.null:g}", "less": f"< {self.null:g}", "at_least": f"≥ {self.null:g}",
@@ -123,8 +158,9 @@ class Register:
                 verdict = "untestable"
                 uncertainty += f"; untestable: its premise `{spec.requires}` is {premise}"
         self.verdicts[claim_id] = verdict
+        factor = spec.data_to_decide(float(estimate), float(lo), float(hi)) if verdict == "inconclusive" else float("nan")
         return Claim(claim=spec.claim, ref=spec.ref, evidence=evidence or f"{spec.statistic} = {estimate:+.3g}",
-                     verdict=verdict, uncertainty=uncertainty, id=claim_id)
+                     verdict=verdict, uncertainty=uncertainty, id=claim_id, data_to_decide=factor)
 
     def spec(self, claim_id: str) -> ClaimSpec:
         if claim_id not in self.claims:
@@ -151,6 +187,8 @@ def parse_register(entries: list[dict], where: str = "claims.yaml") -> Register:
             raise RegisterError(f"{where}: claim {e['id']}: test kind {kind!r} is not one of {', '.join(KINDS)}")
         if kind in ("non_inferior", "not_worse_lower", "equivalent") and not test.get("margin"):
             raise RegisterError(f"{where}: claim {e['id']}: a {kind} test needs a positive margin")
+        if not isinstance(e.get("sampling", True), bool):
+            raise RegisterError(f"{where}: claim {e['id']}: sampling must be true or false")
         unknown = set(test) - {"value", "margin"}
         if unknown:
             raise RegisterError(f"{where}: claim {e['id']}: unknown test keys {sorted(unknown)}")
@@ -161,7 +199,7 @@ def parse_register(entries: list[dict], where: str = "claims.yaml") -> Register:
             id=e["id"], notebook=e["notebook"], claim=e["claim"], ref=e["ref"], statistic=e["statistic"], kind=kind,
             null=float(test.get("value", 0.0)), margin=float(test.get("margin", 0.0)), paper=str(e.get("paper", "")),
             files=tuple([files] if isinstance(files, str) else files), headline=bool(e.get("headline", False)),
-            reason=str(e.get("reason", "")), requires=str(e.get("requires", "")))
+            reason=str(e.get("reason", "")), requires=str(e.get("requires", "")), sampling=e.get("sampling", True))
     for spec in reg.claims.values():
         if spec.requires and spec.requires not in reg.claims:
             raise RegisterError(f"{where}: claim {spec.id} requires {spec.requires!r}, which is not in the register")
@@ -181,15 +219,45 @@ def collect(figures: str | Path) -> pd.DataFrame:
     frames = []
     for path in sorted(Path(figures).glob("claims_*.csv")):
         df = pd.read_csv(path)
+        if "data_to_decide" not in df:  # written before the register reported it
+            df["data_to_decide"] = float("nan")
         df["notebook"] = path.stem.removeprefix("claims_")
         df["table"] = path.with_suffix(".md").name
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty", "notebook", "table"])
+        columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty", "data_to_decide", "notebook", "table"])
 
 
 def counts(df: pd.DataFrame) -> dict[str, int]:
     return {v: int((df["verdict"] == v).sum()) for v in VERDICTS}
+
+
+def data_text(factor: float) -> str:
+    """'≈ 4.2× the data', 'no effect seen' (the estimate sits on the bound), '' (not reported)."""
+    if math.isnan(factor):
+        return ""
+    if math.isinf(factor):
+        return "no effect seen"
+    if factor > 1000:
+        return "> 1000× the data"
+    return f"≈ {factor:.1f}× the data" if factor < 10 else f"≈ {factor:.0f}× the data"
+
+
+def decide_summary(df: pd.DataFrame) -> str:
+    """One sentence: how much more data the inconclusive claims would need (80% power at the observed effect)."""
+    f = pd.to_numeric(df.loc[df["verdict"] == "inconclusive", "data_to_decide"], errors="coerce")
+    known = f.dropna()
+    if known.empty:
+        return ""
+    # an inconclusive interval contains its bound, so no factor is below (z₀.₉₇₅ + z₀.₈)² / z₀.₉₇₅² ≈ 2.04
+    inf = known.map(math.isinf)
+    parts = [f"{int((known <= 4).sum())} within 4× the data", f"{int(((known > 4) & (known <= 10)).sum())} within 4–10×",
+             f"{int(((known > 10) & (known <= 100)).sum())} within 10–100×", f"{int(((known > 100) & ~inf).sum())} beyond 100×",
+             f"{int(inf.sum())} with no effect seen (the estimate on the bound)"]
+    unsized = len(f) - len(known)
+    return (f"How far the {len(f)} inconclusive claims are from a verdict, were the true effect the one observed (80% "
+            f"power; documents, texts or windows scaled alike; a planning number for a larger run, not evidence): "
+            + ", ".join(parts) + (f"; {unsized} not sized (no sampling interval to scale)" if unsized else "") + ".")
 
 
 def write_claims_page(figures: str | Path = "figures", register: Register | None = None) -> Path:
@@ -209,12 +277,17 @@ def write_claims_page(figures: str | Path = "figures", register: Register | None
               "the notebooks measure, the register decides. Intervals are 95% (paired bootstrap over the same "
               "documents or tokens unless the row says otherwise).")
     lines = ["# Claims register: what holds on this run", "", summary, "", method, ""]
+    sizing = decide_summary(df) if n else ""
+    if sizing:
+        lines += [sizing, ""]
 
     def row(r) -> str:
         spec = register.claims.get(r.get("id"))
         ref = spec.ref if spec else r["ref"]
         nb = r["notebook"]
-        return (f"| {r['claim']} | {ref} | {r['evidence']} | **{r['verdict']}** | {r['uncertainty']} | "
+        more = data_text(float(r["data_to_decide"])) if r["verdict"] == "inconclusive" else ""
+        verdict = f"**{r['verdict']}**" + (f" ({more})" if more else "")
+        return (f"| {r['claim']} | {ref} | {r['evidence']} | {verdict} | {r['uncertainty']} | "
                 f"[`{nb}`](notebooks/{nb}.ipynb), [table]({r['table']}) |")
 
     header = ["| claim | paper | evidence | verdict | interval; test | notebook |", "|---|---|---|---|---|---|"]

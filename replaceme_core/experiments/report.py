@@ -92,6 +92,7 @@ class Claim:
     verdict: str  # held | not held | inconclusive
     uncertainty: str = ""
     id: str = ""  # the claim's id in the claims register (resources/claims.yaml)
+    data_to_decide: float = float("nan")  # inconclusive claims: × the data for 80% power at the observed effect
 
 
 def verdict_from_interval(lo: float, hi: float, expect_positive: bool = True) -> str:
@@ -102,7 +103,8 @@ def verdict_from_interval(lo: float, hi: float, expect_positive: bool = True) ->
 
 
 def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
-    return pd.DataFrame([asdict(c) for c in claims], columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty"])
+    return pd.DataFrame([asdict(c) for c in claims],
+                        columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty", "data_to_decide"])
 
 
 def relative_performance(value: float, baseline: float) -> float:
