@@ -56,7 +56,7 @@ lab: setup
 	$(BIN)/python -m pip install --quiet jupyterlab
 	$(BIN)/python -m jupyter lab notebooks
 
-# Compression cost and pruned-model speed as side-by-side ratios → bench/RESULTS.md (≈5 min on 2 CPU cores).
+# Compression cost, pruned-model speed, evaluation backend and lanes as side-by-side ratios → bench/RESULTS.md (≈7 min on 2 CPU cores).
 bench: setup
 	$(BIN)/python bench/bench.py --out bench/RESULTS.md
 
