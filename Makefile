@@ -56,7 +56,8 @@ lab: setup
 	$(BIN)/python -m pip install --quiet jupyterlab
 	$(BIN)/python -m jupyter lab notebooks
 
-# Compression cost, pruned-model speed, evaluation backend and lanes as side-by-side ratios → bench/RESULTS.md (≈7 min on 2 CPU cores).
+# Compression cost, pruned-model speed, evaluation backend and lanes as side-by-side ratios → bench/RESULTS.md. On 2 CPU cores
+# sections 1-6 take ≈5 min, section 7 (100 documents per task on two models) ≈40 min, section 8 ≈1.5 min.
 bench: setup
 	$(BIN)/python bench/bench.py --out bench/RESULTS.md
 
