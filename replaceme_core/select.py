@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .solve import solve_closed_form
-from .stats import LSStats
+from .stats import LSStats, angular_distance
 
 
 @dataclass(frozen=True, order=True)
@@ -73,8 +73,7 @@ def run_score_samples(outputs: dict[int, torch.Tensor], n: int) -> dict[int, tor
         raise ValueError(f"outputs must hold every block 0..{L - 1}, got blocks {sorted(outputs)}")
     validate_run(Run(1, n), L)
     unit = {i: (x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)) for i, x in outputs.items()}
-    return {s: torch.arccos((unit[s - 1] * unit[s + n - 1]).sum(-1).clamp(-1.0, 1.0)) / torch.pi
-            for s in range(1, L - n + 1)}
+    return {s: angular_distance((unit[s - 1] * unit[s + n - 1]).sum(-1)) for s in range(1, L - n + 1)}
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,8 @@ class LSStats:
         return self.residual(T) / max(float(self.RtR), 1e-300)
 
 
-def _angular(cos: torch.Tensor) -> torch.Tensor:
+def angular_distance(cos: torch.Tensor) -> torch.Tensor:
+    """arccos(cos)/π: the paper's angular distance from a cosine similarity, in [0, 1]."""
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
@@ -123,7 +124,7 @@ class DistanceStats:
         cos = torch.bmm(unit, unit.transpose(1, 2)).to(torch.float64)  # [N, L, L]
         off = ~torch.eye(self.L, dtype=torch.bool, device=cos.device)
         l2 = (2 * (1 - cos)).clamp_min(0).sqrt()
-        for metric, values in (("angular", _angular(cos)), ("cosine", cos), ("l2", l2)):
+        for metric, values in (("angular", angular_distance(cos)), ("cosine", cos), ("l2", l2)):
             self.sums[(tokens, metric)] += values.sum(dim=0) * off
         self.counts[tokens] += X.shape[1]
 

@@ -160,6 +160,8 @@ def test_data_to_decide_gives_80_percent_power_in_a_simulation():
     factor = spec.data_to_decide(effect, effect - half, effect + half)
     m = int(round(factor * n))
     assert m == 785  # (2.80 / 0.1)² = 784.9
+    from replaceme_core.experiments.power import paired_n
+    assert m == paired_n(sd, effect)  # the same sample size the profiles' power notes use
     d = np.random.default_rng(1).normal(effect, sd, size=(3000, m))
     lower = d.mean(1) - 1.959964 * d.std(1, ddof=1) / np.sqrt(m)
     assert 0.77 < (lower > 0).mean() < 0.83

@@ -54,11 +54,10 @@ import pandas as pd
 import yaml
 
 from ..io.cache import atomic_write_text
+from .power import data_factor
 
 VERDICTS = ("held", "not held", "inconclusive", "untestable")
 KINDS = ("greater", "less", "at_least", "at_most", "non_inferior", "not_worse_lower", "equivalent")
-Z95 = 1.959963984540054  # two-sided 95%
-POWER_Z = Z95 + 0.8416212335729143  # ... plus z of 80% power
 
 
 class RegisterError(ValueError):
@@ -114,14 +113,7 @@ class ClaimSpec:
         else:
             need = [min(bounds, key=lambda b: abs(estimate - b))]  # the bound the estimate is nearest to (or beyond)
 
-        def factor(bound: float) -> float:
-            distance = abs(estimate - bound)
-            if distance == 0:
-                return float("inf")
-            half = (estimate - lo) if bound < estimate else (hi - estimate)
-            return (half * POWER_Z / (Z95 * distance)) ** 2
-
-        return max(factor(b) for b in need)
+        return max(data_factor((estimate - lo) if b < estimate else (hi - estimate), estimate - b) for b in need)
 
     def test_text(self) -> str:
         bound = {"greater": f"> {self.null:g}", "less": f"< {self.null:g}", "at_least": f"≥ {self.null:g}",
@@ -277,7 +269,7 @@ def write_claims_page(figures: str | Path = "figures", register: Register | None
               "the notebooks measure, the register decides. Intervals are 95% (paired bootstrap over the same "
               "documents or tokens unless the row says otherwise).")
     lines = ["# Claims register: what holds on this run", "", summary, "", method, ""]
-    sizing = decide_summary(df) if n else ""
+    sizing = decide_summary(df)
     if sizing:
         lines += [sizing, ""]
 

@@ -45,6 +45,16 @@ def observed_sd(a, b) -> float:
     return float(d.std(ddof=1)) if d.size > 1 else float("nan")
 
 
+def data_factor(half_width: float, distance: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """How many times the documents a (1 − alpha) interval of half-width `half_width` needs, shrinking as 1/√n, to
+    clear a bound `distance` away from its estimate with the given power, were the true effect the estimate:
+    ((z_{1 − alpha/2} + z_{power}) · se / distance)² / n with se = half_width / z_{1 − alpha/2}. Infinite at distance 0."""
+    if distance == 0:
+        return float("inf")
+    za = z(1 - alpha / 2)
+    return ((za + z(power)) * half_width / (za * abs(distance))) ** 2
+
+
 def detectable_effect(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """The smallest mean paired difference `n` documents detect with the given power (the inverse of paired_n)."""
     return (z(1 - alpha / 2) + z(power)) * sd_diff / math.sqrt(n)
