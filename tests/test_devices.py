@@ -112,7 +112,8 @@ def test_workbench_honours_the_profile_device_and_dtype(monkeypatch):
     assert all(st.MtM.dtype == torch.float64 and st.device.type == "cpu" for st in wb.stats(runs, distances=False).ls.values())
     seen = {}
     monkeypatch.setattr(runner, "evaluate", lambda model, **kw: seen.update(eval=kw["device"]) or {})
-    monkeypatch.setattr(ppl_mod, "perplexity", lambda model, tok, texts, **kw: seen.update(ppl=kw["device"]) or {"ppl": 1.0})
+    monkeypatch.setattr(ppl_mod, "perplexity_many",
+                        lambda models, tok, texts, **kw: seen.update(ppl=kw["device"]) or [{"ppl": 1.0}] * len(models))
     wb.evaluate(v.model)
     wb.perplexity(v.model)
     assert seen == {"eval": "cpu", "ppl": "cpu"}  # scored where the model is, never moved to another device

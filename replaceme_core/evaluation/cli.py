@@ -99,11 +99,31 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _bad_arguments(args: argparse.Namespace) -> str | None:
+    """The first unusable argument, as one line that says what is allowed (checked before anything loads)."""
+    if args.limit is not None and not args.limit > 0:
+        return f"--limit must be a positive number of documents, or a fraction in (0, 1) of each task; got {args.limit:g}"
+    if args.limit is not None and args.limit >= 1 and args.limit != int(args.limit):
+        return f"--limit must be a whole number of documents (or a fraction below 1); got {args.limit:g}"
+    if args.batch_size < 1:
+        return f"--batch-size must be at least 1; got {args.batch_size}"
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        return f"--num-fewshot must be 0 or more; got {args.num_fewshot}"
+    return None
+
+
 def _cli_eval(args: argparse.Namespace) -> int:
+    bad = _bad_arguments(args)
+    if bad:
+        print(f"replaceme eval: error: {bad}", file=sys.stderr)
+        return 2
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
     try:
+        from ..io.device import check_device
+
+        check_device(args.device)  # one line naming what is available, before the model loads (issue 25)
         res = evaluate(args.model, tokenizer=args.tokenizer, tasks=args.tasks, limit=limit, batch_size=args.batch_size,
                        num_fewshot=args.num_fewshot, device=args.device, source=args.source,
                        use_cache=not args.no_cache, seed=args.seed, progress=not args.quiet, backend=args.backend,

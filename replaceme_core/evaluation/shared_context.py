@@ -53,6 +53,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from .prefix import prefix_output, replayed
+
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "replaceme"
@@ -234,6 +236,14 @@ class SharedContextHFLM(HFLM):
 
     head_only_model_types = HEAD_ONLY_MODEL_TYPES
     packed_model_types = PACKED_MODEL_TYPES
+    #: a `request_store.RequestStore` of this model's answers: requests found there are not scored again
+    request_store = None
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        if self.request_store is None:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return self.request_store.answer("loglikelihood", requests,
+                                         lambda todo: super(SharedContextHFLM, self).loglikelihood(todo, disable_tqdm))
 
     # ---- log-likelihood ------------------------------------------------------------------------------------------
 
@@ -311,22 +321,36 @@ class SharedContextHFLM(HFLM):
     def _score_packed(self, groups: list[ContextGroup]):
         """Yield (request indices, (loglikelihood, is_greedy)) for every continuation of the packed groups."""
         batch = packed_batch(groups, self.device)
-        base, head = self._split_head()
+        yield from zip(batch.owners, self._packed_answers(self.model, batch))
+
+    def _packed_states(self, model, batch: PackedBatch) -> torch.Tensor:
+        """`model`'s last hidden states (before the head) on a packed batch."""
+        base, _ = self._split_head(model)
         allowed = batch.attention()
-        if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+        if model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
             dtype = next(base.parameters()).dtype
             allowed = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)
-        states = base(input_ids=batch.ids, attention_mask=allowed, position_ids=batch.positions,
-                      use_cache=False).last_hidden_state
+        return base(input_ids=batch.ids, attention_mask=allowed, position_ids=batch.positions,
+                    use_cache=False).last_hidden_state
+
+    def _packed_answers(self, model, batch: PackedBatch, prefix=None, shared: int = 0) -> list[tuple[float, bool]]:
+        """(loglikelihood, is_greedy) of every continuation of a packed batch under `model`; with `prefix` (what block
+        `shared`-1 returned on this batch, from a model equal to `model` up to there) its first blocks are not rerun."""
+        _, head = self._split_head(model)
+        if prefix is None:
+            states = self._packed_states(model, batch)
+        else:
+            with replayed(model, shared, prefix):
+                states = self._packed_states(model, batch)
         hidden = states[batch.head_at[:, 0].to(states.device), batch.head_at[:, 1].to(states.device)]
         picked, greedy = self._token_scores(hidden, batch.token_head, batch.token_target,
-                                            functools.partial(self._head, head))
+                                            functools.partial(self._head, head, model=model))
         owner = batch.token_owner.to(picked.device)
         total = torch.zeros(len(batch.owners), dtype=picked.dtype, device=picked.device).index_add_(0, owner, picked)
         misses = torch.zeros(len(batch.owners), dtype=torch.long, device=picked.device).index_add_(
             0, owner, (~greedy).long())
-        yield from zip(batch.owners, zip(total.tolist(), (misses == 0).tolist()))
+        return list(zip(total.tolist(), (misses == 0).tolist()))
 
     def _token_scores(self, hidden: torch.Tensor, token_head: torch.Tensor, targets: torch.Tensor, head):
         """(target log-prob, target is the argmax) per scored token, where token i reads the head's output at
@@ -405,9 +429,9 @@ class SharedContextHFLM(HFLM):
 
     # ---- the model, split into trunk and head ---------------------------------------------------------------------
 
-    def _split_head(self):
+    def _split_head(self, model=None):
         """(base model, head) when the family's logits are exactly `head(base(x))` (+ soft-capping), else None."""
-        model = self.model
+        model = self.model if model is None else model
         if not isinstance(model, transformers.PreTrainedModel):
             return None  # e.g. a PEFT wrapper
         if getattr(model.config, "model_type", None) not in self.head_only_model_types:
@@ -419,10 +443,10 @@ class SharedContextHFLM(HFLM):
             return None
         return base, head
 
-    def _head(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def _head(self, head: torch.nn.Module, hidden: torch.Tensor, model=None) -> torch.Tensor:
         """The LM head on gathered hidden states, with the final logit soft-capping of Gemma-style configs."""
         logits = head(hidden)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        cap = getattr((self.model if model is None else model).config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -437,6 +461,12 @@ class SharedContextHFLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """HFLM's disjoint rolling windows (lm-eval's utils), all scored in one shared-context pass."""
+        if self.request_store is not None:
+            return self.request_store.answer("loglikelihood_rolling", requests,
+                                             lambda todo: self._rolling(todo, disable_tqdm))
+        return self._rolling(requests, disable_tqdm)
+
+    def _rolling(self, requests, disable_tqdm: bool) -> list[float]:
         windows: list[TokenRequest] = []
         owners: list[int] = []
         for i, (string,) in enumerate(tqdm([req.args for req in requests], desc="Splitting rolling windows",
@@ -466,6 +496,42 @@ class SharedContextHFLM(HFLM):
             return []
         counts = self.all_gather(torch.tensor(len(windows), device=self.device)).cpu().tolist()
         return [windows[0]] * (max(counts) - len(windows))
+
+
+class GroupedHFLM(SharedContextHFLM):
+    """``SharedContextHFLM`` that, on every packed batch it scores for its own model, also scores the same batch for
+    `others` — models equal to its own in their embedding and first `shared` blocks (checked by content hash before
+    a group is formed: `prefix.block_hashes`) — computing those blocks once. Their answers go into their request
+    stores (`request_store.RequestStore`), so when their own evaluation runs, lm-eval finds every such request cached.
+    Two-phase (KV-cache) batches are scored for its own model only; the others score theirs in their own turn."""
+
+    def set_group(self, others: list, shared: int) -> None:
+        """`others`: [(model, RequestStore)] sharing `shared` >= 1 leading blocks with this model."""
+        self.group_others, self.group_shared = list(others), int(shared)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        self._group_requests = requests
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            for _, store in getattr(self, "group_others", []):
+                store.commit()
+
+    def _score_packed(self, groups: list[ContextGroup]):
+        others = getattr(self, "group_others", [])
+        if not others:
+            yield from super()._score_packed(groups)
+            return
+        batch = packed_batch(groups, self.device)
+        k = self.group_shared
+        prefix = prefix_output(self.model, k, lambda m: self._packed_states(m, batch)) if k else None
+        answers = self._packed_answers(self.model, batch, prefix, k)
+        for model, store in others:
+            for owners, answer in zip(batch.owners, self._packed_answers(model, batch, prefix, k)):
+                for i in owners:
+                    if self._group_requests[i][0] is not None:
+                        store["loglikelihood", self._group_requests[i][0]] = answer
+        yield from zip(batch.owners, answers)
 
 
 def hflm_token_pairs(lm: HFLM, requests) -> list[tuple[list[int], list[int]]]:

@@ -349,16 +349,35 @@ class Workbench:
         return Variant(name or f"{method} separate n={cfg.num_blocks}", model, record, replacements)
 
     # --- measurement ----------------------------------------------------------------------------
-    @_timed("evaluate")
-    def evaluate(self, model, suite: str = "main", **overrides) -> dict:
-        from ..evaluation.runner import DEFAULT_BACKEND, evaluate
+    def _suite_args(self, suite: str, overrides: dict) -> dict:
+        from ..evaluation.runner import DEFAULT_BACKEND
 
         spec = {**self.profile["eval"][suite], **overrides}
+        docs = spec.get("docs")
+        return dict(tokenizer=self.tokenizer, tasks=spec["tasks"], limit=spec.get("limit"),
+                    batch_size=spec.get("batch_size", 16), source=spec.get("source", "auto"), progress=self.progress,
+                    backend=spec.get("backend", DEFAULT_BACKEND), per_doc_fields=spec.get("per_doc_fields", ("margin",)),
+                    docs=tuple(docs) if docs else None)
+
+    @_timed("evaluate")
+    def evaluate(self, model, suite: str = "main", **overrides) -> dict:
+        from ..evaluation.runner import evaluate
+
         # scored where it lives: without a device lm-eval's wrapper would move a host model to CUDA (in place)
-        return evaluate(model, tokenizer=self.tokenizer, tasks=spec["tasks"], limit=spec.get("limit"),
-                        batch_size=spec.get("batch_size", 16), source=spec.get("source", "auto"), progress=self.progress,
-                        backend=spec.get("backend", DEFAULT_BACKEND), device=_model_device(model),
-                        per_doc_fields=spec.get("per_doc_fields", ("margin",)))
+        return evaluate(model, device=_model_device(model), **self._suite_args(suite, overrides))
+
+    @_timed("evaluate_many")
+    def evaluate_many(self, models: dict, suite: str = "main", **overrides) -> dict[str, dict]:
+        """`evaluate` for several models {name: model} on one suite, {name: result}: models that share their first
+        blocks bit for bit (the variants of one run, and the unpruned model) are scored as one group, the shared
+        blocks once per batch (evaluation.prefix). Same numbers as one by one."""
+        from ..evaluation.runner import evaluate_many
+
+        if not models:
+            return {}
+        names, nets = list(models), list(models.values())
+        results = evaluate_many(nets, device=_model_device(nets[0]), **self._suite_args(suite, overrides))
+        return dict(zip(names, results))
 
     def heldout_texts(self) -> list[str]:
         from ..io.data import heldout_texts
@@ -366,14 +385,22 @@ class Workbench:
         p = self.profile["perplexity"]
         return heldout_texts(p["source"], p["samples"], seed=0, tokenizer=self.tokenizer)
 
-    @_timed("heldout")
     def heldout(self, model) -> dict:
         """`evaluation.perplexity` on the profile's held-out texts: ppl, and the per-text sums that pair two models."""
-        from ..evaluation.perplexity import perplexity
+        return self.heldout_many({"model": model})["model"]
 
+    @_timed("heldout")
+    def heldout_many(self, models: dict) -> dict[str, dict]:
+        """`heldout` for several models {name: model}, {name: result}, grouped by shared prefix like `evaluate_many`."""
+        from ..evaluation.perplexity import perplexity_many
+
+        if not models:
+            return {}
         p = self.profile["perplexity"]
-        return perplexity(model, self.tokenizer, self.heldout_texts(), max_length=p["max_length"], batch_size=p["batch_size"],
-                          device=_model_device(model), progress=self.progress)
+        names, nets = list(models), list(models.values())
+        results = perplexity_many(nets, self.tokenizer, self.heldout_texts(), max_length=p["max_length"],
+                                  batch_size=p["batch_size"], device=_model_device(nets[0]), progress=self.progress)
+        return dict(zip(names, results))
 
     def perplexity(self, model) -> float:
         return self.heldout(model)["ppl"]
