@@ -19,7 +19,8 @@ from torch import nn
 from .arch import Adapter, FoldError, get_adapter
 from .capture import Activations, _input_device, run_capture
 from .merge import Replacement, apply_replacements
-from .select import Run, choose_by_block_influence, choose_runs, ls_residual_scores, merge_touching, run_scores, validate_run
+from .methods.block_influence import choose_by_block_influence
+from .select import Run, choose_runs, ls_residual_scores, merge_touching, run_scores, validate_run
 from .solve import STRUCTURES, IterativeConfig, check_choice, columns_for, solve_closed_form, solve_iterative
 from .stats import ActivationStore, DistanceStats, LSStats
 

@@ -1,5 +1,6 @@
-"""Which blocks to remove: the paper's argmin-distance rule, several runs, ShortGPT's Block Influence, and the run
-whose least-squares fit is best on held-out calibration tokens.
+"""Which blocks to remove: the paper's argmin-distance rule, several runs, and the run whose least-squares fit is best
+on held-out calibration tokens. (ShortGPT's Block Influence lives with the other methods, in
+`methods/block_influence.py`; `block_influence` and `choose_by_block_influence` are still importable from here.)
 
 Indices are 0-based and refer to the original model. A `Run(start, n)` removes blocks
 start … start+n−1; block start−1 stays and receives T. Hence start ≥ 1: block 0 has no kept block
@@ -151,19 +152,6 @@ def choose_runs(scores: dict[int, float], n: int, num_runs: int = 1, separated: 
     )
 
 
-def block_influence(cosine: torch.Tensor) -> dict[int, float]:
-    """ShortGPT's Block Influence of block i: 1 − E[cos(input_i, output_i)] = 1 − cos(L_{i−1}, L_i), i ≥ 1."""
-    return {i: 1.0 - float(cosine[i - 1, i]) for i in range(1, cosine.shape[0])}
-
-
-def choose_by_block_influence(cosine: torch.Tensor, num_blocks: int) -> list[Run]:
-    """The `num_blocks` blocks of lowest Block Influence, grouped into contiguous runs (one T each)."""
-    bi = block_influence(cosine)
-    validate_run(Run(1, num_blocks), cosine.shape[0])
-    picked = sorted(sorted(bi, key=lambda i: (bi[i], i))[:num_blocks])
-    return merge_touching([Run(i, 1) for i in picked])
-
-
 def ls_residual_scores(ls: dict[Run, LSStats], heldout: dict[Run, LSStats], structure: str = "full",
                        ridge: float = 0.0) -> dict[int, float]:
     """score[start] = relative residual ‖M T − R‖² / ‖R‖² on held-out calibration tokens of the T fitted (closed form)
@@ -183,3 +171,12 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     Y = Y.double() - Y.double().mean(0)
     cross = (X.T @ Y).norm() ** 2
     return float(cross / ((X.T @ X).norm() * (Y.T @ Y).norm()))
+
+
+def __getattr__(name: str):
+    """Block Influence moved to `methods/block_influence.py`; the old names still resolve here."""
+    if name in ("block_influence", "choose_by_block_influence"):
+        from .methods import block_influence as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
