@@ -36,6 +36,13 @@ taken to shrink as 1/√n: factor = (h · (z₀.₉₇₅ + z₀.₈) / (z₀.�
 estimate sits on the bound. A claim whose interval is not a sampling interval (an extrapolation range, Monte-Carlo
 error) declares ``sampling: false`` and gets none.
 
+Two stages (experiments/confirmatory.py). Every claim above is *exploratory*: estimated on the profile's suites.
+A *confirmatory* claim ``confirm.<id>`` (``confirm.<id>@<tag>`` for an instance, e.g. the blocks it removes) re-tests
+exploratory claim ``<id>`` on fresh documents with ``<id>``'s declared test unchanged, so it needs no entry of its
+own; notebook 14 checks it. An equivalence claim ``equiv.<id>`` is declared in the register (kind ``equivalent``, its
+margin and reason written before the run) and checked beside it on the same documents (``@<tag>`` instances share
+the entry). A confirmatory claim is decided when its verdict is held or not held, or its equivalence is held.
+
 `write_claims_page` assembles figures/CLAIMS.md from the notebooks' claims_*.csv files and the register: every
 claim with its verdict, interval, notebook and table, a count at the top, and the register's claims that no
 notebook checked in this run.
@@ -57,6 +64,7 @@ from ..io.cache import atomic_write_text
 from .power import data_factor
 
 VERDICTS = ("held", "not held", "inconclusive", "untestable")
+CONFIRMATORY_NOTEBOOK = "14_confirmatory"
 KINDS = ("greater", "less", "at_least", "at_most", "non_inferior", "not_worse_lower", "equivalent")
 
 
@@ -80,6 +88,11 @@ class ClaimSpec:
     reason: str = ""
     requires: str = ""  # a premise claim's id: unless it is held, this claim is untestable
     sampling: bool = True  # its interval shrinks with more documents (false: an extrapolation range, Monte-Carlo error)
+
+    @property
+    def stage(self) -> str:
+        """'confirmatory' for a re-test on fresh documents (``confirm.``) or its equivalence (``equiv.``)."""
+        return "confirmatory" if self.id.startswith(("confirm.", "equiv.")) else "exploratory"
 
     def decide(self, lo: float, hi: float) -> str:
         """The verdict of the declared test for a 95% interval [lo, hi]."""
@@ -152,9 +165,12 @@ class Register:
         self.verdicts[claim_id] = verdict
         factor = spec.data_to_decide(float(estimate), float(lo), float(hi)) if verdict == "inconclusive" else float("nan")
         return Claim(claim=spec.claim, ref=spec.ref, evidence=evidence or f"{spec.statistic} = {estimate:+.3g}",
-                     verdict=verdict, uncertainty=uncertainty, id=claim_id, data_to_decide=factor)
+                     verdict=verdict, uncertainty=uncertainty, id=claim_id, data_to_decide=factor, stage=spec.stage,
+                     estimate=float(estimate), lo=float(min(lo, hi)), hi=float(max(lo, hi)))
 
     def spec(self, claim_id: str) -> ClaimSpec:
+        if claim_id not in self.claims and claim_id.startswith(("confirm.", "equiv.")):
+            return self._confirmatory_spec(claim_id)
         if claim_id not in self.claims:
             for pattern, spec in self.claims.items():  # a family entry: other profiles' instances, same test
                 if "*" in pattern and fnmatch.fnmatchcase(claim_id, pattern):
@@ -162,6 +178,22 @@ class Register:
             raise RegisterError(f"claim {claim_id!r} is not in the register (replaceme_core/resources/claims.yaml): "
                                 "declare it there, with its test, before checking it")
         return self.claims[claim_id]
+
+    def _confirmatory_spec(self, claim_id: str) -> ClaimSpec:
+        """`confirm.<id>[@tag]`: <id>'s declared test on the confirmatory documents; `equiv.<id>@tag`: the entry
+        `equiv.<id>` (module docstring)."""
+        prefix, rest = claim_id.split(".", 1)
+        base, _, tag = rest.partition("@")
+        if prefix == "equiv":
+            if f"equiv.{base}" not in self.claims:
+                raise RegisterError(f"claim {claim_id!r}: no equivalence test `equiv.{base}` is declared in the register")
+            spec = self.claims[f"equiv.{base}"]
+        else:
+            spec = self.spec(base)
+            spec = dataclasses.replace(spec, notebook=CONFIRMATORY_NOTEBOOK, requires="", headline=spec.headline,
+                                       reason=f"re-test of `{base}` on the confirmatory documents, its test unchanged")
+        where = f" (blocks {tag})" if tag and tag[0].isdigit() else (f" ({tag})" if tag else "")
+        return dataclasses.replace(spec, id=claim_id, claim=spec.claim + where)
 
     def of_notebook(self, notebook: str) -> list[ClaimSpec]:
         return [c for c in self.claims.values() if c.notebook == notebook]
@@ -211,13 +243,16 @@ def collect(figures: str | Path) -> pd.DataFrame:
     frames = []
     for path in sorted(Path(figures).glob("claims_*.csv")):
         df = pd.read_csv(path)
-        if "data_to_decide" not in df:  # written before the register reported it
-            df["data_to_decide"] = float("nan")
+        for col in ("data_to_decide", "estimate", "lo", "hi"):  # written before the register reported them
+            if col not in df:
+                df[col] = float("nan")
+        df["stage"] = ["confirmatory" if str(i).startswith(("confirm.", "equiv.")) else "exploratory" for i in df["id"]]
         df["notebook"] = path.stem.removeprefix("claims_")
         df["table"] = path.with_suffix(".md").name
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty", "data_to_decide", "notebook", "table"])
+        columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty", "data_to_decide", "stage", "estimate", "lo", "hi",
+                 "notebook", "table"])
 
 
 def counts(df: pd.DataFrame) -> dict[str, int]:
@@ -252,6 +287,13 @@ def decide_summary(df: pd.DataFrame) -> str:
             + ", ".join(parts) + (f"; {unsized} not sized (no sampling interval to scale)" if unsized else "") + ".")
 
 
+def _spec_or_none(register: Register, claim_id) -> ClaimSpec | None:
+    try:
+        return register.spec(str(claim_id))
+    except RegisterError:
+        return None
+
+
 def write_claims_page(figures: str | Path = "figures", register: Register | None = None) -> Path:
     """figures/CLAIMS.md: the count, the headline claims, then every claim by notebook; register claims not run."""
     register = register or load_register()
@@ -268,13 +310,32 @@ def write_claims_page(figures: str | Path = "figures", register: Register | None
     method = ("Each claim's statistic and test are declared in `replaceme_core/resources/claims.yaml` before the run; "
               "the notebooks measure, the register decides. Intervals are 95% (paired bootstrap over the same "
               "documents or tokens unless the row says otherwise).")
-    lines = ["# Claims register: what holds on this run", "", summary, "", method, ""]
-    sizing = decide_summary(df)
+    from .confirmatory import base_id, decided
+    from .report import forest_plot
+
+    is_headline = lambda i: _spec_or_none(register, i) is not None and _spec_or_none(register, i).headline  # noqa: E731
+    shown = df[[is_headline(i) or s == "confirmatory" for i, s in zip(df["id"], df["stage"])]] if n else df
+    forest_plot(shown, register, Path(figures) / "fig_claims.png")
+    conf = df[df["stage"] == "confirmatory"] if n else df
+    dec = decided(df) if n else decided(df.iloc[:0])
+    stages = (f" Exploratory stage (every notebook, the profile's suites): {len(df) - len(conf)} claims. Confirmatory stage "
+              f"(notebook 14, fresh documents disjoint from every exploratory one; claims and counts by the profile's "
+              f"`confirmatory` rule, declared before the run): {len(dec)} claims re-tested, {int(dec['decided'].sum())} "
+              f"decided ({dec['decided'].mean():.0%}: held or not held, or the declared equivalence held), beside "
+              f"{len(conf) - len(dec)} equivalence tests." if len(dec) else "")
+    lines = ["# Claims register: what holds on this run", "",
+             "![every headline and confirmatory claim: estimate, 95% interval, no-effect line, decision bound, the paper's "
+             "direction, verdict](fig_claims.png)", "",
+             "*The forest plot: every headline and confirmatory claim ([C]) — estimate and 95% interval on the claim's own "
+             "scale, the no-effect line (solid), the decision bound of its declared test (dashed), the paper's direction "
+             "(blue arrow; a blue bar: the equivalence region), coloured by verdict.*", "",
+             summary + stages, "", method, ""]
+    sizing = decide_summary(df[df["stage"] == "exploratory"] if n else df)
     if sizing:
         lines += [sizing, ""]
 
     def row(r) -> str:
-        spec = register.claims.get(r.get("id"))
+        spec = _spec_or_none(register, r.get("id"))
         ref = spec.ref if spec else r["ref"]
         nb = r["notebook"]
         more = data_text(float(r["data_to_decide"])) if r["verdict"] == "inconclusive" else ""
@@ -283,17 +344,34 @@ def write_claims_page(figures: str | Path = "figures", register: Register | None
                 f"[`{nb}`](notebooks/{nb}.ipynb), [table]({r['table']}) |")
 
     header = ["| claim | paper | evidence | verdict | interval; test | notebook |", "|---|---|---|---|---|---|"]
-    headline_ids = {k for k, s in register.claims.items() if s.headline}
-    head = df[df["id"].isin(headline_ids)] if "id" in df else df.iloc[:0]
+    if len(dec):
+        by_id = {r["id"]: r for _, r in df.iterrows()}
+        lines += ["## Confirmatory stage: the declared claims on fresh documents", "",
+                  "Each row: the exploratory verdict (the profile's suites), then the same test on the confirmatory "
+                  "documents only, and the declared equivalence test beside it (its margin in the register).", "",
+                  "| claim | exploratory (notebook) | confirmatory | interval; test | equivalence | decided |",
+                  "|---|---|---|---|---|---|"]
+        for _, d in dec.iterrows():
+            r = by_id[d["id"]]
+            base = by_id.get(base_id(d["id"]))
+            eq = by_id.get("equiv." + d["id"][len("confirm."):])
+            explo = (f"**{base['verdict']}** ({base['uncertainty'].split('; test')[0]}; [`{base['notebook']}`]"
+                     f"(notebooks/{base['notebook']}.ipynb))" if base is not None else "not run")
+            eqtext = f"**{eq['verdict']}** ({eq['uncertainty']})" if eq is not None else "–"
+            lines.append(f"| {r['claim']} | {explo} | **{r['verdict']}** | {r['uncertainty']} | {eqtext} | "
+                         f"{'yes' if d['decided'] else 'no'} |")
+        lines.append("")
+    head = df[[is_headline(i) for i in df["id"]]] if n else df.iloc[:0]
     if len(head):
-        lines += ["## Headline claims", "", *header, *(row(r) for _, r in head.iterrows()), ""]
+        lines += ["## Headline claims (both stages)", "", *header, *(row(r) for _, r in head.iterrows()), ""]
     for nb, group in df.groupby("notebook", sort=True):
         k = counts(group)
         lines += [f"## {nb} — {k['held']} held, {k['not held']} not held, {k['inconclusive']} inconclusive"
                   + (f", {k['untestable']} untestable" if k["untestable"] else ""), "",
                   *header, *(row(r) for _, r in group.iterrows()), ""]
     checked = set(df["id"]) if "id" in df else set()
-    missing = [s for s in register.claims.values() if s.id not in checked and "*" not in s.id]
+    checked_bases = {i.split("@", 1)[0] for i in checked}
+    missing = [s for s in register.claims.values() if s.id not in checked_bases and "*" not in s.id]
     if missing:
         lines += ["## In the register, not checked by this run", "",
                   *(f"- `{s.id}` ({s.notebook}): {s.claim}" for s in missing), ""]

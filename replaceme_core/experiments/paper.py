@@ -19,6 +19,9 @@ from ..io.cache import atomic_write_text, cache_dir
 from .publish import publish
 
 MANIFEST_SUFFIX = ".outputs.json"
+#: passed to every notebook's kernel: its start-up log (ipykernel warns, once per kernel and on stderr, that it "is running
+#: over TCP without encryption" — a local kernel papermill starts and stops) stays out of `make paper`'s log; errors still show
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
 def register_outputs(notebook: str, items: list[dict], figures: str | Path = "figures", seconds: float | None = None) -> Path:
@@ -139,6 +142,7 @@ def _run_serial(profile: str, names: list[str], notebooks_dir: str | Path, build
             str(src / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
             parameters={"profile": profile, "figures_dir": str(figures)},
             cwd=str(src.resolve()), kernel_name="python3", progress_bar=False, log_output=False,
+            extra_arguments=KERNEL_ARGUMENTS,
         )
         timings[name] = time.perf_counter() - t0
         publish(out_dir / f"{name}.ipynb", figures / "notebooks" / f"{name}.ipynb", portable)

@@ -93,6 +93,10 @@ class Claim:
     uncertainty: str = ""
     id: str = ""  # the claim's id in the claims register (resources/claims.yaml)
     data_to_decide: float = float("nan")  # inconclusive claims: × the data for 80% power at the observed effect
+    stage: str = "exploratory"  # or "confirmatory": re-tested on fresh documents (experiments/confirmatory.py)
+    estimate: float = float("nan")  # the statistic and its 95% interval as numbers (the forest plot reads them)
+    lo: float = float("nan")
+    hi: float = float("nan")
 
 
 def verdict_from_interval(lo: float, hi: float, expect_positive: bool = True) -> str:
@@ -103,8 +107,72 @@ def verdict_from_interval(lo: float, hi: float, expect_positive: bool = True) ->
 
 
 def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
-    return pd.DataFrame([asdict(c) for c in claims],
-                        columns=["id", "claim", "ref", "evidence", "verdict", "uncertainty", "data_to_decide"])
+    return pd.DataFrame([asdict(c) for c in claims], columns=CLAIM_COLUMNS)
+
+
+CLAIM_COLUMNS = ["id", "claim", "ref", "evidence", "verdict", "uncertainty", "data_to_decide", "stage", "estimate", "lo", "hi"]
+VERDICT_COLORS = {"held": "#1b9e77", "not held": "#d95f02", "inconclusive": "#7f7f7f", "untestable": "#bbbbbb"}
+
+
+def forest_plot(rows: pd.DataFrame, register, path: str | Path) -> Path:
+    """figures/fig_claims.png: one line per claim of `rows` (a claims frame: id, verdict, stage, estimate, lo, hi):
+    its estimate and 95% interval on the claim's own scale (a ratio on a log scale), the no-effect line (solid), the
+    decision bound(s) of its test (dashed), an arrow towards the side the paper's claim lies on, coloured by verdict.
+    A row without numbers (written before the register recorded them) is listed with "no interval"."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    k = max(len(rows), 1)
+    fig, axes = plt.subplots(k, 1, figsize=(9.5, 0.42 * k + 0.9), squeeze=False)
+    for ax, (_, r) in zip(axes[:, 0], rows.iterrows()):
+        spec = register.spec(r["id"])
+        est, lo, hi = (float(r.get(c, float("nan"))) if pd.notna(r.get(c, float("nan"))) else float("nan") for c in ("estimate", "lo", "hi"))
+        bounds = {"non_inferior": [spec.null - spec.margin], "not_worse_lower": [spec.null + spec.margin],
+                  "equivalent": [spec.null - spec.margin, spec.null + spec.margin]}.get(spec.kind, [spec.null])
+        color = VERDICT_COLORS.get(r["verdict"], "#7f7f7f")
+        label = f"{'[C] ' if r.get('stage') == 'confirmatory' else ''}{r['id']}"
+        ax.set_yticks([0], [label], fontsize=7)
+        ax.tick_params(axis="x", labelsize=6, pad=1)
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+        ax.text(1.01, 0.5, r["verdict"], transform=ax.transAxes, fontsize=7, va="center", color=color, weight="bold")
+        if not all(math.isfinite(x) for x in (est, lo, hi)):
+            ax.set_xticks([]); ax.text(0.5, 0.5, "no interval", transform=ax.transAxes, ha="center", va="center", fontsize=7)
+            continue
+        log = spec.null == 1 and lo > 0 and min(bounds) > 0
+        if log:
+            ax.set_xscale("log")
+        ax.axvline(spec.null, color="#333333", lw=0.8)
+        for b in bounds:
+            if b != spec.null or spec.kind not in ("greater", "less", "at_least", "at_most"):
+                ax.axvline(b, color="#333333", lw=0.8, ls="--")
+        ax.plot([lo, hi], [0, 0], color=color, lw=2.2, solid_capstyle="butt")
+        ax.plot([est], [0], "o", color=color, ms=4)
+        xs = [lo, hi, *bounds, spec.null]
+        span = (max(xs) / min(xs)) if log else (max(xs) - min(xs)) or 1.0
+        left, right = (min(xs) / span ** 0.08, max(xs) * span ** 0.08) if log else (min(xs) - 0.08 * span, max(xs) + 0.08 * span)
+        ax.set_xlim(left, right)
+        side = {"greater": 1, "at_least": 1, "non_inferior": 1, "less": -1, "at_most": -1, "not_worse_lower": -1}.get(spec.kind)
+        anchor = bounds[0]
+        if side is not None:  # the paper's direction: the side of the bound its claim is on
+            ax.annotate("", xy=(anchor * (span ** (0.06 * side)) if log else anchor + side * 0.06 * span, 0.88),
+                        xytext=(anchor, 0.88), xycoords=("data", "axes fraction"),
+                        arrowprops={"arrowstyle": "->", "color": "#1f78b4", "lw": 1.2})
+        else:  # equivalence: the paper's reading lies between the bounds
+            ax.plot(bounds, [0.88, 0.88], color="#1f78b4", lw=1.0, transform=ax.get_xaxis_transform())
+        ax.set_ylim(-0.6, 0.8)
+    axes[0, 0].set_title("Claims: estimate and 95% interval; solid = no effect, dashed = decision bound, blue = the "
+                         "paper's direction; [C] = confirmatory (fresh documents)", fontsize=8)
+    fig.tight_layout(h_pad=0.2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def relative_performance(value: float, baseline: float) -> float:
