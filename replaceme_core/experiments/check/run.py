@@ -160,6 +160,7 @@ def _estimates(rep: Report, profile: dict, facts: dict[str, ModelFacts], vision:
     rep.estimate.append(f"{'notebook':8s} {'fwd tokens':>10s} {'train tok':>10s} {'GPU time':>9s} {'GPU mem':>8s} {'store disk':>10s}")
     for nb, w in work.items():
         total += w.seconds
+        rep.seconds[nb] = w.seconds
         rep.estimate.append(f"{nb:8s} {_fmt_n(w.forward_tokens):>10s} {_fmt_n(w.train_tokens):>10s} {_fmt_s(w.seconds):>9s} "
                             f"{w.peak_gb:>6.1f}GB {w.store_gb:>8.1f}GB")
         for note in w.notes:
