@@ -155,3 +155,16 @@ def test_bad_arguments_fail_before_any_work(kwargs, message, monkeypatch):
     monkeypatch.setattr(runner, "_ModelRef", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match=message):
         runner.evaluate("no-such-model", **kwargs)
+
+
+def test_request_stores_of_two_lanes_merge(tmp_path):
+    """Two processes (make paper's lanes) holding one model's store: each commit keeps what the other wrote."""
+    a = request_store.RequestStore("m", directory=tmp_path)
+    b = request_store.RequestStore("m", directory=tmp_path)
+    a["loglikelihood", ("ctx", " a")] = (-1.0, True)
+    b["loglikelihood", ("ctx", " b")] = (-2.0, False)
+    a.commit()
+    b.commit()
+    merged = request_store.RequestStore("m", directory=tmp_path)
+    assert merged[request_store.hash_args("loglikelihood", ("ctx", " a"))] == (-1.0, True)
+    assert merged[request_store.hash_args("loglikelihood", ("ctx", " b"))] == (-2.0, False)

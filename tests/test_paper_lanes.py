@@ -57,3 +57,16 @@ def test_timing_log_appends_one_line_per_call_only_when_asked(tmp_path, monkeypa
     assert len(rows) == 1
     assert rows[0]["notebook"] == "02_x" and rows[0]["op"] == "evaluate" and rows[0]["detail"] == ["window", "limit=3"]
     assert rows[0]["seconds"] >= 0
+
+
+def test_every_notebook_cell_carries_an_id():
+    """nbformat warns (MissingIDFieldWarning, soon an error) for a cell without an id: every source notebook has them,
+    unique within the notebook."""
+    import json
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        ids = [c.get("id") for c in cells]
+        assert all(ids), f"{path.name}: a cell has no id (nbformat.validator.normalize adds them)"
+        assert len(set(ids)) == len(ids), f"{path.name}: duplicate cell ids"

@@ -6,8 +6,9 @@ as it is: `simple_evaluate` wraps the model itself (a pre-wrapped `CachingLM` is
 file per path is written by both `make paper` lanes at once, and a grouped scorer must write answers for models other
 than the one being run. So the backend (`SharedContextHFLM.loglikelihood`) does the same lookup with the same key over a
 `RequestStore`: one JSON file per model identity (weights, tokenizer, dtype, backend, maximum length, lm-eval version),
-rewritten whole through a temporary file and a rename, so never half-written; a corrupted file reads as empty and is
-scored again. Two lanes writing one model's store at once can only lose entries (scored again later), never mix them.
+rewritten whole through a temporary file and a rename (merged with what is on disk at that moment), so never
+half-written; a corrupted file reads as empty and is scored again. Two lanes writing one model's store at the same
+instant can only lose entries (scored again later), never mix them.
 
 The arguments are strings and the tokenizer is part of the store's identity, so equal keys mean equal token sequences.
 """
@@ -76,6 +77,13 @@ class RequestStore:
         return [new[j] if j in new else self[h] for j, h in enumerate(hashes)]
 
     def commit(self) -> None:
-        if self._dirty:
-            atomic_write_text(self.path, json.dumps(self._entries))
-            self._dirty = False
+        """Write the entries, merged with what another process (a `make paper` lane) stored meanwhile."""
+        if not self._dirty:
+            return
+        try:
+            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            on_disk = {}
+        self._entries = {**on_disk, **self._entries}
+        atomic_write_text(self.path, json.dumps(self._entries))
+        self._dirty = False
