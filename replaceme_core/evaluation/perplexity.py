@@ -51,14 +51,7 @@ def perplexity_many(models: Sequence, tokenizer=None, texts: Sequence[str] = (),
     pending = [i for i in range(len(refs)) if out[i] is None]
     if not pending:
         return out
-    tok = refs[pending[0]].tokenizer
-    encoded = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    batches = [[i for i in order[s:s + batch_size] if len(encoded[i]) >= 2] for s in range(0, len(order), batch_size)]
-    batches = [b for b in batches if b]
-    if not batches:
-        raise ValueError("perplexity: no text has two or more tokens")
+    encoded, batches, pad_id = text_batches(texts, refs[pending[0]].tokenizer, max_length, batch_size)
     same_tokenizer = len({stable_json(refs[i].identity()["tokenizer"]) for i in pending}) == 1
     for members, shared in model_groups([r.model for r in refs], pending, group and same_tokenizer):
         sums = {i: ([0.0] * len(encoded), [0] * len(encoded)) for i in members}
@@ -87,6 +80,19 @@ def perplexity_many(models: Sequence, tokenizer=None, texts: Sequence[str] = (),
                       "doc_tokens": doc_tok}
             atomic_write_text(paths[i], json.dumps(out[i]))
     return out
+
+
+def text_batches(texts: Sequence[str], tokenizer, max_length: int, batch_size: int):
+    """(token ids per text, batches of text indices longest first — texts under two tokens left out —, pad id): each
+    text tokenised on its own, so batching never changes a text's tokens."""
+    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batches = [[i for i in order[s:s + batch_size] if len(encoded[i]) >= 2] for s in range(0, len(order), batch_size)]
+    batches = [b for b in batches if b]
+    if not batches:
+        raise ValueError("perplexity: no text has two or more tokens")
+    return encoded, batches, pad_id
 
 
 def _padded(seqs: list[list[int]], pad_id: int, device):

@@ -132,7 +132,8 @@ def estimate(profile: dict, facts: dict[str, ModelFacts], vision: ModelFacts | N
     def stores(w: Work, runs_alive: int, runs_total: int) -> None:
         w.store_gb = store_gb * (runs_total if persist else runs_alive)
 
-    W: dict[str, Work] = {k: Work() for k in ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12")}
+    W: dict[str, Work] = {k: Work() for k in ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12",
+                                               "13", "14")}
     two = 2 * m.weight_gb  # the base model and one pruned deep copy
     w = W["00"]; w.forward(m, 2 * C); evals(w, m, suite("sweep"), 3); ppl(w, m, 3); w.memory(two)
     w = W["01"]; w.forward(m, 3 * C); evals(w, m, suite("main"), 5); ppl(w, m, 5); w.adam(d, 3 * steps, bt); w.memory(two)
@@ -257,6 +258,33 @@ def estimate(profile: dict, facts: dict[str, ModelFacts], vision: ModelFacts | N
         for spec in (P12.get("suites") or {}).values():
             evals(w, m, suite("main", spec), k)
         w.memory(two)
+    P13 = p.get("13_depth_pruning_methods") or {}
+    if P13:
+        w = W["13"]
+        methods = P13.get("methods", [])
+        data = P13.get("data") or {}
+
+        def tokens(name: str) -> float:
+            dd = data.get(name) or {}
+            return dd["samples"] * dd.get("max_length", c.get("max_length", 1024)) if "samples" in dd else C
+
+        # forward passes over each method's own data, as its loop runs them (block-forwards counted as whole-model ones)
+        passes = {"block-influence": 1, "sleb": n * max(1, L - 2) / 2, "shortened-ppl": L / 2, "shortened-taylor": 3,
+                  "laco": 2 * n, "laco-code": 2 * n, "linearpatch": 2, "linearpatch-diag": 2, "prune-comp": 2 * n,
+                  "streamline": 2}
+        for name in methods:
+            w.forward(m, passes.get(name, 2) * tokens(name))
+        steps_sl = ((P13.get("options") or {}).get("streamline") or {}).get("steps", 200)
+        w.train(m, steps_sl * 8 * c.get("max_length", 1024) / max(1, L))  # one layer of L, 8 sequences per step
+        fixed, swap = len(P13.get("fixed_blocks", [])), len(P13.get("swap", []))
+        count = 1 + 3 + len(methods) + fixed + swap + len(P13.get("regime_methods", []))  # + baseline, UIDL, LS, cosine
+        evals(w, m, suite(P13.get("suite", "main")), count); ppl(w, m, 2 * count)  # held-out ppl and KL
+        w.memory(3 * m.weight_gb)
+    cf = p.get("confirmatory") or {}
+    if cf.get("suite"):
+        w = W["14"]
+        count = 1 + 2 * cf.get("max_picks", 2) + 2 + 2  # baseline; UIDL, LS per pick; cosine ×2; the regime pair
+        evals(w, m, suite(cf["suite"]), count); w.memory(two)
     return W
 
 
