@@ -9,6 +9,11 @@ one slot to the next, and its results come back as their own folder (figures/gpu
 Where a notebook's estimate alone is over the slot at the gpu profile's full settings (04, 05, 10), its slice names
 the smallest change of settings that brings it under, and says so in `about`: those slices are *reduced*, not the
 paper's scale, and their outputs must be labelled that way.
+
+Not covered (2026-12-04): notebook 13 (every depth-pruning method; ≈ 25 min estimated at the gpu settings, ≈ 16 min
+even at the paper's ratio alone — evaluation of ~20 models on the full benchmarks dominates) needs results that travel
+between slots, which this bundle does not carry; notebook 14 has no confirmatory stage on the gpu profile (its suites
+score every document, so no fresh ones remain; `confirmatory.suite: null` there says so).
 """
 from __future__ import annotations
 
