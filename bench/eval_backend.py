@@ -1,9 +1,9 @@
 """Evaluation backend: requests/s of SharedContextHFLM (`replaceme`) ÷ lm-eval's HFLM, beside the compute bound.
 
-    python bench/eval_backend.py [--limit 100] [--models smollm2-135m-instruct,gemma-3-270m] [--json OUT.json]
+    python bench/eval_backend.py [--limit 100] [--models smollm2-135m-instruct,gemma-3-270m] [--tasks ...] [--json OUT.json]
 
 Why: the shared-context backend is only worth its code if it is close to what its saved work allows. So for each
-model and task of the cpu main suite (local tasks, 0-shot, first `--limit` documents) this script
+model and task (local tasks, first `--limit` documents) this script
 
 * builds lm-eval's own requests (task objects configured as `simple_evaluate` does, `build_all_requests`);
 * times `loglikelihood` on the same request list, model already loaded, after an untimed warm-up, for three
@@ -27,19 +27,24 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from common import finish_script, yes
 from replaceme_core.evaluation import shared_context
 
 MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
-TASKS = ("arc_easy", "piqa", "sciq", "hellaswag", "lambada_openai")  # the cpu profile's main suite
+MAIN_TASKS = ("arc_easy", "piqa", "sciq", "hellaswag", "lambada_openai")  # the cpu profile's main suite, 0-shot
+# Other request shapes (issue 22): WinoGrande (partial scoring: two differing contexts, one shared continuation; the
+# paper's 5-shot), ARC-Challenge 5-shot (long few-shot prompts shared by four choices), BoolQ (long passages, two
+# one-token choices).
+OTHER_SHAPES = ("winogrande", "arc_challenge", "boolq")
+TASKS = MAIN_TASKS + OTHER_SHAPES
+FEWSHOT = {"arc_challenge": 5}  # over the suite's count (suite.TASKS): a few-shot prompt of a multiple-choice task
 BATCH = 16
 TOL = 1e-3  # nats: the agreement the backend promises in float32
 # hflm: lm-eval's default (logits_cache=True), what `evaluate(backend="hf")` and lm-eval's CLI run; hflm_nocache:
@@ -57,14 +62,19 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ requests
+def shots(bench: str) -> int:
+    from replaceme_core.evaluation.suite import TASKS as SPECS
+
+    return FEWSHOT.get(bench, SPECS[bench].num_fewshot)
+
+
 def build_requests(benches, limit: int | None, seed: int = 0) -> dict[str, tuple[object, list]]:
     """bench -> (lm-eval task, its Instances for the first `limit` documents), configured as simple_evaluate does:
-    a YAML's explicit `num_fewshot: 0` is kept, a missing one gets the suite's count, the sampler gets the seed."""
+    a YAML's explicit `num_fewshot: 0` is kept, a missing one gets `shots(bench)`, the sampler gets the seed."""
     from lm_eval.tasks import TaskManager
 
     from replaceme_core import assets
     from replaceme_core.evaluation.local_tasks import render_local_tasks
-    from replaceme_core.evaluation.suite import TASKS as SPECS
 
     local = render_local_tasks(assets.benchmark_files(), benches)
     tasks = TaskManager(include_path=str(local.include_path), include_defaults=False).load(
@@ -73,7 +83,7 @@ def build_requests(benches, limit: int | None, seed: int = 0) -> dict[str, tuple
     for b in benches:
         task = tasks[local.names[b]]
         if task.get_config("num_fewshot") != 0:
-            task.set_config(key="num_fewshot", value=SPECS[b].num_fewshot)
+            task.set_config(key="num_fewshot", value=shots(b))
         task.set_fewshot_seed(seed=seed)
         task.build_all_requests(limit=limit, rank=0, world_size=1)
         out[b] = (task, list(task.instances))
@@ -265,7 +275,8 @@ def bench_model(name: str, limit: int | None, benches, batch_size: int) -> dict:
 def run(limit: int | None = 100, models=MODELS, benches=TASKS, batch_size: int = BATCH) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.disable(logging.WARNING)  # lm-eval's per-task config chatter
-    E = {"limit": limit, "batch_size": batch_size, "tasks": list(benches), "torch_threads": torch.get_num_threads(),
+    E = {"limit": limit, "batch_size": batch_size, "tasks": list(benches), "fewshot": {b: shots(b) for b in benches},
+         "torch_threads": torch.get_num_threads(),
          "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg(),
          "models": {}}
     for name in models:
@@ -286,13 +297,19 @@ def _k(n: int) -> str:
 NAMES = {"hflm": "HFLM", "hflm_nocache": "HFLM no-cache", "ours": "ours"}
 
 
+def _shots_text(E: dict) -> str:
+    """"0-shot", or which tasks ran with few-shot prompts (results before `fewshot` was recorded were all 0-shot)."""
+    few = [f"{b} {k}-shot" for b, k in E.get("fewshot", {}).items() if k]
+    return "0-shot" + (f" but {', '.join(few)}" if few else "")
+
+
 def render_section(E: dict, number: int = 7) -> list[str]:
     """The markdown section for bench/RESULTS.md (also printed when this script runs alone)."""
     lines = [
         f"## {number}. Evaluation backend: shared contexts vs HFLM", "",
         f"`bench/eval_backend.py` (its own run: {E['date_utc']}, {E['wall_s']:.0f} s, torch threads "
         f"{E['torch_threads']}, load average {E['loadavg_start'][0]:.2f} → {E['loadavg_end'][0]:.2f}). Local tasks "
-        f"{', '.join(E['tasks'])}, 0-shot, first {E['limit']} documents each; float32 CPU, batch {E['batch_size']}; "
+        f"{', '.join(E['tasks'])}, {_shots_text(E)}, first {E['limit']} documents each; float32 CPU, batch {E['batch_size']}; "
         "lm-eval's own request lists, the same for every backend. Only the `loglikelihood` calls are timed (model "
         "loaded, after a warm-up), per task in the order HFLM, ours, HFLM no-cache, ours, HFLM; req/s uses each "
         "backend's mean. **HFLM** is lm-eval's default (`logits_cache=True`, what `--backend hf` and lm-eval's CLI "
@@ -348,7 +365,7 @@ def render_section(E: dict, number: int = 7) -> list[str]:
     for base in BASELINES:
         got = "; ".join(f"{n} {M['overall']['speedup'][base]:.2f}× of {M['overall']['bound'][base]:.2f}× = "
                         f"{M['overall']['frac_bound'][base]:.0%}" for n, M in E["models"].items())
-        verdict.append(f"vs {NAMES[base]} {'**met**' if E['target_met'][base] else '**not met**'} ({got})")
+        verdict.append(f"vs {NAMES[base]} {yes(E['target_met'][base])} ({got})")
     lines += [
         f"Target, measured speed-up ≥ {TARGET:.0%} of the compute bound on both models: " + "; ".join(verdict) + ".",
         "",
@@ -362,6 +379,24 @@ def render_section(E: dict, number: int = 7) -> list[str]:
     return lines
 
 
+KEY = "eval_backend"
+
+
+def summary_rows(R: dict) -> list[str]:
+    """bench/RESULTS.md's summary rows 7, 7b (one per baseline)."""
+    E = R[KEY]
+    rows = []
+    for i, base in enumerate(BASELINES):
+        fr = [M["overall"]["frac_bound"][base] for M in E["models"].values()]
+        rows.append(f"| 7{'b' * i} | eval requests/s, ours ÷ {NAMES[base]}, ÷ its compute bound ({'; '.join(E['models'])}) | "
+                    f"{'; '.join(f'{x:.0%}' for x in fr)} | ≥ {TARGET:.0%} | {yes(E['target_met'][base])} |")
+    return rows
+
+
+def section(R: dict) -> list[str]:
+    return render_section(R[KEY], number=7)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=100, help="documents per task (default 100; e.g. 5 for a quick check)")
@@ -370,11 +405,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=BATCH)
     p.add_argument("--json", default=None, help="write the results here (bench/bench.py reads them)")
     args = p.parse_args()
-    E = run(args.limit, args.models.split(","), args.tasks.split(","), args.batch_size)
-    if args.json:
-        Path(args.json).write_text(json.dumps(E, indent=2) + "\n")
-    print("\n".join(render_section(E)))
-    return 0
+    return finish_script(run(args.limit, args.models.split(","), args.tasks.split(","), args.batch_size), args.json,
+                         render_section)
 
 
 if __name__ == "__main__":

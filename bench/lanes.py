@@ -31,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MODEL, finish_script
+
 HERE = Path(__file__).resolve().parent
-MODEL = "smollm2-135m-instruct"
 TASKS = ("arc_easy", "piqa")
 BATCH = 16
 TOL = 1e-2  # nats, on a sum over ~250 requests: float32 rounding across thread counts stays far below
@@ -47,7 +48,6 @@ def child(threads: int, repeat: int, limit: int, barrier: Path, index: int, part
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(HERE))
     from eval_backend import build_requests
 
     from replaceme_core.evaluation.quiet import quiet_lm_eval
@@ -121,6 +121,19 @@ def render_section(L: dict, number: int = 8) -> list[str]:
     ]
 
 
+KEY = "lanes"
+
+
+def summary_rows(R: dict) -> list[str]:
+    L = R[KEY]
+    return [f"| 8 | make paper's lanes: work per wall second of two 1-thread processes ÷ one 2-thread process | "
+            f"{L['ratio']:.2f}× | report (> 1: lanes win) | — |"]
+
+
+def section(R: dict) -> list[str]:
+    return render_section(R[KEY], number=8)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=40, help="documents per task (default 40)")
@@ -134,11 +147,7 @@ def main() -> int:
         return 0
     if args.limit <= 0 or args.reps <= 0:
         p.error("--limit and --reps must be positive")
-    L = run(args.limit, args.reps)
-    if args.json:
-        Path(args.json).write_text(json.dumps(L, indent=2) + "\n")
-    print("\n".join(render_section(L)))
-    return 0
+    return finish_script(run(args.limit, args.reps), args.json, render_section)
 
 
 if __name__ == "__main__":
