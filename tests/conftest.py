@@ -128,19 +128,21 @@ def mlp_of(model, family, i):
     return get_path(blocks_of(model, family)[i], FAMILIES[family][2])
 
 
-def build_model(family: str, seed: int = 0, dtype=torch.float64):
-    """A tiny, seeded, randomly initialised causal LM in eval mode (dropout off)."""
-    config = FAMILIES[family][0]()
+def model_from_config(config, seed: int = 0, dtype=torch.float64):
+    """A seeded, randomly initialised causal LM of `config` in eval mode, every parameter (norm weights, biases too)
+    perturbed so that no map is trivially the identity."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
-        # Perturb every parameter (norm weights, biases too) so that no map is trivially the identity.
         gen = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    model = model.to(dtype)
-    model.eval()
-    return model
+    return model.to(dtype).eval()
+
+
+def build_model(family: str, seed: int = 0, dtype=torch.float64):
+    """A tiny, seeded, randomly initialised causal LM in eval mode (dropout off)."""
+    return model_from_config(FAMILIES[family][0](), seed, dtype)
 
 
 @pytest.fixture

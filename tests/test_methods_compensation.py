@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from conftest import _llama_like, blocks_of, build_model, calib_batches, logits, make_batch, unpad
+from conftest import _llama_like, blocks_of, build_model, calib_batches, logits, make_batch, model_from_config, unpad
 from replaceme_core.merge import save_checkpoint
 from replaceme_core.methods._compensation import hadamard
 from replaceme_core.methods.apply import run_method
@@ -24,13 +24,7 @@ def llama(layers=5, hidden=32, tie=False, eps=1e-6, seed=0):
     heads = 4
     config = _llama_like(transformers.LlamaConfig, num_hidden_layers=layers, hidden_size=hidden,
                          num_attention_heads=heads, head_dim=hidden // heads, tie_word_embeddings=tie, rms_norm_eps=eps)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model.to(torch.float64).eval()
+    return model_from_config(config, seed)
 
 
 def snapshot(model):

@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AutoModelForCausalLM
 
-from conftest import _llama_like, calib_batches
+from conftest import _llama_like, calib_batches, model_from_config
 from replaceme_core.evaluation.model_ref import hash_state_dict
 from replaceme_core.experiments import methods_table as mt
 
@@ -44,13 +43,7 @@ def tok():
 def llama(vocab=128, layers=5, tie=False, seed=0):
     config = _llama_like(transformers.LlamaConfig, vocab_size=vocab, num_hidden_layers=layers,
                          tie_word_embeddings=tie, max_position_embeddings=128)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model.to(torch.float64).eval()
+    return model_from_config(config, seed)
 
 
 def bench(model, batches=None):
