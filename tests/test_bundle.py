@@ -181,3 +181,21 @@ def test_run_sh_template_has_every_placeholder_filled():
     assert 'device_check.py" "$DEVICE" "$DTYPE" || exit 3' in text
     assert text.index("device_check.py") < text.index("sha256sum") < text.index("pip install")
     assert "--no-index" in text and "--target" in text
+
+
+def test_concatenate_files_leaves_nothing_behind_on_a_bad_digest(tmp_path):
+    """The one join both the GGUF parts and the bundle parts use: the result's sha256, and on a mismatch neither the
+    output nor a temporary file remains."""
+    import hashlib
+
+    from replaceme_core.io.cache import concatenate_files
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"x" * 10)
+    b.write_bytes(b"y" * 7)
+    digest = concatenate_files([a, b], tmp_path / "out")
+    assert digest == hashlib.sha256(b"x" * 10 + b"y" * 7).hexdigest()
+    assert (tmp_path / "out").read_bytes() == b"x" * 10 + b"y" * 7
+    with pytest.raises(RuntimeError, match="sha256"):
+        concatenate_files([a, b], tmp_path / "bad", "0" * 64, error=RuntimeError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]

@@ -61,6 +61,10 @@ def test_block_hashes_see_one_weight():
     with torch.no_grad():
         embedded.get_input_embeddings().weight[5, 0] += 1e-12
     assert prefix.shared_blocks(prefix.block_hashes(embedded), h["ls"]) == 0
+    # remembered per object, yet an in-place edit of a model already hashed is seen
+    with torch.no_grad():
+        get_adapter(models["ls"]).layers[1].mlp.up_proj.weight[0, 0] += 1e-12
+    assert prefix.shared_blocks(prefix.block_hashes(models["ls"]), h["ls"]) == 1
 
 
 def test_prefix_groups_pick_the_largest_saving():

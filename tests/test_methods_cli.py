@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from test_cli import tiny_dir  # noqa: F401 - the saved tiny model (8 Llama blocks, the packaged SmolLM2 tokenizer)
+
 from replaceme_core import cli
 from replaceme_core.io.models import tiny_random_model
 from replaceme_core.merge import Replacement
@@ -17,15 +19,6 @@ TEXT = "\n\n".join(
     f"Note {i}: the lighthouse keeper wrote down the {i} ships that passed before the storm reached the harbour."
     for i in range(30)
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    model, tok = tiny_random_model()  # 8 Llama blocks, the packaged SmolLM2 tokenizer
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture

