@@ -327,12 +327,17 @@ def test_auto_uses_hub_task_when_no_local_data(model, tok, monkeypatch, bench):
         seen.update(kw)
         raise RuntimeError("stop before any download")
 
+    from replaceme_core.evaluation import task_manager as managers
+
+    indexed = {}
     monkeypatch.setattr("lm_eval.simple_evaluate", fake)
-    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda **kw: ("tm", kw))
+    monkeypatch.setattr(managers, "_MANAGERS", {})
+    monkeypatch.setattr(managers.TaskManager, "__init__", lambda self, **kw: indexed.update(kw))
     with pytest.raises(RuntimeError, match="stop"):
         ev.evaluate(model, tok, tasks=["piqa", "arc_easy"], limit=2, progress=False)
     assert sorted(seen["tasks"]) == ["arc_easy_local", "piqa"]
-    assert seen["task_manager"][1]["include_defaults"] is True  # lm-eval's own tasks are indexed for hub tasks
+    assert isinstance(seen["task_manager"], managers.BuiltOnceTaskManager)
+    assert indexed["include_defaults"] is True  # lm-eval's own tasks are indexed for hub tasks
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,3 +704,32 @@ def test_cli_eval_refuses_bad_arguments_in_one_line(argv, message, capsys, monke
     assert args.func(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_tasks_are_built_once_per_fewshot_count(model, tok, monkeypatch):
+    """Each task is built once per few-shot count and process, and reused for that count only: 0-, 1-, 0- and 1-shot
+    again give what freshly built tasks give (lm-eval never overwrites a 0 it finds in a task's config)."""
+    from replaceme_core.evaluation import task_manager as managers
+
+    kw = dict(tasks=["winogrande", "arc_easy"], limit=4, progress=False, use_cache=False, per_doc_fields=("margin",))
+
+    def scored(k):
+        out = ev.evaluate(model, tok, num_fewshot=k, **kw)["tasks"]
+        return {t: (out[t]["value"], out[t]["per_doc"]) for t in out}
+
+    expected = {}
+    for k in (0, 1):
+        managers._MANAGERS.clear()
+        expected[k] = scored(k)
+    margins = [expected[k]["arc_easy"][1]["margin"] for k in (0, 1)]
+    assert margins[0] != pytest.approx(margins[1], abs=1e-3)  # the few-shot count shows in the numbers
+    managers._MANAGERS.clear()
+    built, build = [], managers.TaskManager._load_spec
+    monkeypatch.setattr(managers.TaskManager, "_load_spec", lambda self, spec: built.append(spec) or build(self, spec))
+    for k in (0, 1, 0, 1):
+        got = scored(k)
+        for t, (value, per_doc) in expected[k].items():
+            assert got[t][0] == value and set(got[t][1]) == set(per_doc), (k, t)
+            for field, values in per_doc.items():
+                assert got[t][1][field] == pytest.approx(values, abs=1e-6), (k, t, field)
+    assert sorted(built) == sorted(["winogrande_local", "arc_easy_local"] * 2)

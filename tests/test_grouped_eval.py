@@ -99,13 +99,62 @@ def test_grouped_answers_equal_each_model_alone(family, dtype, tokenizer):  # no
         for h in hooks:
             h.remove()
     assert not calls
-    windowed = getattr(models[names[0]].config, "sliding_window", None) is not None  # long groups go two-phase
+    hashes = [request_store.hash_args("loglikelihood", r.args) for r in requests]
+    for k in names[1:]:  # windowed families send their long groups two-phase: shared as well
+        assert all(h in stores[k] for h in hashes)
+        assert_same(alone[k], [stores[k][h] for h in hashes], 1e-4 if dtype == torch.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_grouped_two_phase_answers_equal_each_model_alone(family, dtype, tokenizer):  # noqa: F811
+    """The KV-cache path shares the prefix too: every member's answer to every request is what it gets alone, with
+    two continuation rows per forward so that a context's cache serves several continuation batches (copied for all
+    but the last), and the other members' shared blocks never run."""
+    models = variants(build_model(family, dtype=dtype))
+    requests = loglikelihood_requests()
+    names = list(models)
+
+    def two_phase(scorer):
+        scorer.packed_model_types = frozenset()  # instance attribute: every group takes the two-phase path
+        return scorer
+
+    alone = {k: two_phase(lm(SharedContextHFLM, m, tokenizer, batch_size=2)).loglikelihood(requests, disable_tqdm=True)
+             for k, m in models.items()}
+    shared = min(prefix.shared_blocks(prefix.block_hashes(models[names[0]]), prefix.block_hashes(models[k])) for k in names)
+    assert shared == 2
+    stores = {k: request_store.RequestStore(f"test-{k}") for k in names[1:]}
+    grouped = two_phase(lm(GroupedHFLM, models[names[0]], tokenizer, batch_size=2))
+    grouped.set_group([(models[k], stores[k]) for k in names[1:]], shared)
+    paths, batches = {"packed": 0}, {}
+    original_packed, original_continuations = grouped._score_packed, grouped._score_continuations
+
+    def count_packed(*args, **kwargs):
+        paths["packed"] += 1
+        return original_packed(*args, **kwargs)
+
+    def count_continuations(chunk, batch, cache, prefix_mask, model=None):
+        key = (id(chunk), id(model))
+        batches[key] = batches.get(key, 0) + 1
+        return original_continuations(chunk, batch, cache, prefix_mask, model=model)
+
+    grouped._score_packed, grouped._score_continuations = count_packed, count_continuations
+    calls = []
+    hooks = [blocks_of(models[k], family)[i].register_forward_pre_hook(lambda *_: calls.append(1))
+             for k in names[1:] for i in range(shared)]
+    try:
+        assert_same(alone[names[0]], grouped.loglikelihood(requests, disable_tqdm=True), TOL[dtype])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not calls and paths["packed"] == 0
+    # some context's continuations took several batches, for the leader and for every other member alike
+    assert max(batches.values()) > 1
+    assert len({chunk for chunk, _ in batches}) * len(names) == len(batches)
+    hashes = [request_store.hash_args("loglikelihood", r.args) for r in requests]
     for k in names[1:]:
-        hashes = [request_store.hash_args("loglikelihood", r.args) for r in requests]
-        present = [j for j, h in enumerate(hashes) if h in stores[k]]
-        assert present and (windowed or len(present) == len(requests))
-        assert_same([alone[k][j] for j in present], [stores[k][hashes[j]] for j in present],
-                    1e-4 if dtype == torch.float32 else 1e-9)
+        assert all(h in stores[k] for h in hashes)
+        assert_same(alone[k], [stores[k][h] for h in hashes], 1e-4 if dtype == torch.float32 else 1e-9)
 
 
 def test_perplexity_many_equals_each_alone():

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree
 
 from ..arch import get_adapter
 from ..io.cache import stable_json
@@ -133,6 +134,24 @@ def prefix_output(model: nn.Module, k: int, forward: Callable[[nn.Module], Any])
     if not kept:
         raise RuntimeError(f"block {k - 1} never ran in the prefix forward")
     return kept[0]
+
+
+@contextlib.contextmanager
+def kept_outputs(model: nn.Module, k: int):
+    """Inside the block, every forward of `model` runs whole and appends (a clone of) what its block k-1 returned to
+    the yielded list: the prefix to replay where the forward must also complete, e.g. to fill its own KV cache."""
+    if k <= 0:
+        raise ValueError("kept_outputs needs k >= 1 shared blocks")
+    kept: list[Any] = []
+
+    def hook(_module, _inputs, output):
+        kept.append(_pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, output))
+
+    handle = get_adapter(model).layers[k - 1].register_forward_hook(hook)
+    try:
+        yield kept
+    finally:
+        handle.remove()
 
 
 class _Replay(nn.Module):

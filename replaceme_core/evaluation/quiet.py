@@ -1,20 +1,28 @@
 """Two lines of lm-eval noise silenced where they arise, and nothing else.
 
 * `simple_evaluate` records a git hash by running `git describe` in the working directory; outside a git checkout
-  git prints "fatal: not a git repository" on our stderr. The probe is run with git's stderr discarded instead.
+  git prints "fatal: not a git repository" on our stderr. The probe is run with git's stderr discarded instead, once
+  per working directory.
 * HFLM warns that "`pretrained` model kwarg is not of type `str`" whenever it is handed a loaded model, which is
   how we always call it (the model is loaded, hashed and moved by us). That one record is filtered out.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import subprocess
 
 PRETRAINED_WARNING = "`pretrained` model kwarg is not of type `str`"
 
 
 def _git_hash_quietly() -> str | None:
+    return _git_hash_in(os.getcwd())
+
+
+@functools.lru_cache(maxsize=None)
+def _git_hash_in(_cwd: str) -> str | None:
     try:
         out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
     except OSError:  # git not installed

@@ -40,23 +40,27 @@ are not part of the key. Never keyed by a directory name. Below it, every reques
 (`request_store`), so a suite that re-asks documents another suite scored runs only the new ones.
 
 Groups. `evaluate_many` scores several models; those equal bit for bit in their embedding and first k blocks
-(`prefix.block_hashes`, checked by content) form a group, and on the packed path the first member's batches compute
-those k blocks once for all members (`shared_context.GroupedHFLM`); the others' answers land in their request stores,
-so their own turn finds them cached. Per-request numbers are those of scoring each model alone.
+(`prefix.block_hashes`, checked by content) form a group, and the first member's batches, packed and two-phase
+(KV-cache) alike, compute those k blocks once for all members (`shared_context.GroupedHFLM`; two-phase only where the
+family's head splits off); the others' answers land in their request stores, so their own turn finds them cached.
+Per-request numbers are those of scoring each model alone. Each lm-eval task is built once per process and few-shot
+count (`task_manager`), and lm-eval's per-call environment report and prompt compilation run once (`once`).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .model_ref import _ModelRef, default_device
+from .once import once_per_process
 from .plan import RequestPlan, check_documents, log, plan_requests
 from .prefix import model_groups
 from .quiet import quiet_lm_eval
 from .request_store import RequestStore, store_key
 from .results import CACHE_VERSION, DERIVED_FIELDS, ResultStore, gold_margin, task_result, task_samples
 from .suite import AVG_ACC_TASKS, DEFAULT_TASKS, avg_acc
+from .task_manager import task_manager
 
 __all__ = ["evaluate", "evaluate_many", "BACKENDS", "DEFAULT_BACKEND", "backend_class", "CACHE_VERSION", "DERIVED_FIELDS",
            "gold_margin"]
@@ -80,24 +84,13 @@ def backend_class(name: str):
     raise ValueError(f"unknown evaluation backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _leaf_tasks(task_dict) -> Iterable[tuple[str, Any]]:
-    """(name, Task) of every leaf of lm-eval's (possibly nested) task dictionary."""
-    for key, value in task_dict.items():
-        if isinstance(value, dict):
-            yield from _leaf_tasks(value)
-        else:
-            yield getattr(value, "task_name", None) or str(key), value
-
-
 def _document_range(names: Sequence[str], task_manager, docs: tuple[int, int]) -> dict[str, list[int]]:
     """lm-eval's `samples` argument for documents docs[0]..docs[1]-1 of every leaf task (clipped to its size).
     A task with no document in the range is an error: lm-eval would read an empty selection as *every* document."""
-    from lm_eval.tasks import get_task_dict
-
     with quiet_lm_eval():
-        task_dict = get_task_dict(list(names), task_manager)
+        leaves = task_manager.load(list(names))["tasks"]
     samples = {}
-    for name, task in _leaf_tasks(task_dict):
+    for name, task in leaves.items():
         n = len(task.eval_docs)
         if docs[0] >= n:
             raise ValueError(f"task {name} has {n} documents: none in the range {docs[0]}..{docs[1] - 1}; lower the start")
@@ -109,19 +102,19 @@ def _score(plan: RequestPlan, todo: list[str], lm, *, limit, docs, batch_size, s
            keep_samples: bool, store: ResultStore, backend: str, progress: bool) -> dict[str, dict]:
     """Run lm-eval on the plan's `todo` tasks (one call per few-shot count); store and return their results."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     need_hub = any(plan.tasks[b][0] == "hub" for b in todo)
-    tm = TaskManager(include_path=str(plan.local.include_path) if plan.local.names else None, include_defaults=need_hub)
+    tm = task_manager(str(plan.local.include_path) if plan.local.names else None, need_hub)
     out = {}
     for k in sorted({plan.shots[b] for b in todo}):
+        tm.for_fewshot(k)
         group = [b for b in todo if plan.shots[b] == k]
         names = [plan.tasks[b][1] for b in group]
         where = f"docs={docs[0]}..{docs[1] - 1}" if docs else f"limit={limit}"
         log(f"[eval] running {', '.join(group)} ({k}-shot, {where}) on {plan.ref.device}, backend {backend}", progress)
         samples = _document_range(names, tm, docs) if docs else None
         t0 = time.time()
-        with quiet_lm_eval():
+        with quiet_lm_eval(), once_per_process():
             res = lm_eval.simple_evaluate(
                 model=lm, tasks=names, num_fewshot=k, limit=limit, samples=samples, task_manager=tm, log_samples=True,
                 bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

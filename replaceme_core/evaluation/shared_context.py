@@ -53,7 +53,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from .prefix import prefix_output, replayed
+from .prefix import kept_outputs, prefix_output, replayed
 
 log = logging.getLogger(__name__)
 
@@ -380,23 +380,27 @@ class SharedContextHFLM(HFLM):
             scores = self._score_continuations(chunk, batch, batch_cache, prefix_mask)
             yield from zip((owners for _, _, owners in batch), scores)
 
-    def _prefill(self, chunk: list[ContextGroup]):
-        """Run every context but its last token through the blocks once; (KV cache, prefix mask) or (None, None)."""
+    def _prefill(self, chunk: list[ContextGroup], model=None):
+        """Run every context but its last token through the blocks once; (KV cache, prefix mask) or (None, None).
+        `model`: this backend's own model unless given (a grouped model sharing its prefix, see GroupedHFLM)."""
+        model = self.model if model is None else model
         prefixes = [group.tokens[:-1] for group in chunk]
         if not any(prefixes):
             return None, None
         ids, mask = pad(prefixes, "left", self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        split = self._split_head()
+        split = self._split_head(model)
         if split is not None:
             out = self._forward(split[0], ids, mask, positions, None)
         else:
-            extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
-            out = self._forward(self.model, ids, mask, positions, None, **extra)
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+            out = self._forward(model, ids, mask, positions, None, **extra)
         return cache_of(out), mask
 
-    def _score_continuations(self, chunk, batch, cache, prefix_mask) -> list[tuple[float, bool]]:
-        """Feed `[context[-1]] + continuation[:-1]` for each row on top of its context's cache; score the head."""
+    def _score_continuations(self, chunk, batch, cache, prefix_mask, model=None) -> list[tuple[float, bool]]:
+        """Feed `[context[-1]] + continuation[:-1]` for each row on top of its context's cache; score the head
+        (of `model`, this backend's own model unless given)."""
+        model = self.model if model is None else model
         ids, mask, positions = self._continuation_inputs(chunk, batch)
         if cache is not None:
             group_index = torch.tensor([g for g, _, _ in batch], dtype=torch.long, device=self.device)
@@ -404,12 +408,12 @@ class SharedContextHFLM(HFLM):
             mask = torch.cat([prefix_mask[group_index], mask], dim=-1)
         targets, scored = pad([cont for _, cont, _ in batch], "right", self.device)
         scored = scored.bool()
-        split, grow = self._split_head(), cache is not None  # without a prefix there is no cache worth growing
+        split, grow = self._split_head(model), cache is not None  # without a prefix there is no cache worth growing
         if split is not None:
             states = self._forward(split[0], ids, mask, positions, cache, use_cache=grow).last_hidden_state
-            head = functools.partial(self._head, split[1])
+            head = functools.partial(self._head, split[1], model=model)
         else:
-            states = self._forward(self.model, ids, mask, positions, cache, use_cache=grow).logits
+            states = self._forward(model, ids, mask, positions, cache, use_cache=grow).logits
             head = None  # the full forward already applied it
         picked, greedy = self._position_scores(states[scored.to(states.device)], targets[scored], head)
         return per_row(picked, greedy, scored)
@@ -499,11 +503,13 @@ class SharedContextHFLM(HFLM):
 
 
 class GroupedHFLM(SharedContextHFLM):
-    """``SharedContextHFLM`` that, on every packed batch it scores for its own model, also scores the same batch for
+    """``SharedContextHFLM`` that, on every batch it scores for its own model, also scores the same batch for
     `others` — models equal to its own in their embedding and first `shared` blocks (checked by content hash before
     a group is formed: `prefix.block_hashes`) — computing those blocks once. Their answers go into their request
     stores (`request_store.RequestStore`), so when their own evaluation runs, lm-eval finds every such request cached.
-    Two-phase (KV-cache) batches are scored for its own model only; the others score theirs in their own turn."""
+    Packed batches stop its own forward after the shared blocks (`prefix.prefix_output`); two-phase (KV-cache) chunks
+    run its own forwards whole and keep the shared blocks' output and KV for the others (`_score_chunk`). Where a
+    model's head does not split off (full-forward families), its two-phase batches are scored in its own turn."""
 
     def set_group(self, others: list, shared: int) -> None:
         """`others`: [(model, RequestStore)] sharing `shared` >= 1 leading blocks with this model."""
@@ -532,6 +538,49 @@ class GroupedHFLM(SharedContextHFLM):
                     if self._group_requests[i][0] is not None:
                         store["loglikelihood", self._group_requests[i][0]] = answer
         yield from zip(batch.owners, answers)
+
+    def _score_chunk(self, chunk: list[ContextGroup], rows: int):
+        """The two-phase path, shared: this model's own prefill and continuation forwards run whole (its KV cache
+        complete, its numbers unchanged) while block `shared`-1's output is kept from each; then every other member
+        replays those outputs for its blocks 0..`shared`-1, runs its own blocks after them and takes this model's KV
+        of the shared blocks (the same blocks on the same inputs: the same keys and values) for its cache. Memory:
+        the kept outputs of one chunk (its prefill, then each continuation batch: rows x width x hidden), the shared
+        blocks' prefill KV, and one other member's KV cache at a time. Members whose head does not split off (full
+        forward families) score their two-phase batches in their own turn."""
+        k = self.group_shared if self._split_head() is not None else 0
+        others = [(m, s) for m, s in getattr(self, "group_others", []) if k and self._split_head(m) is not None]
+        if not others:
+            yield from super()._score_chunk(chunk, rows)
+            return
+        work = [(g, cont, owners) for g, group in enumerate(chunk) for cont, owners in group.continuations.items()]
+        batches = [work[start:start + rows] for start in range(0, len(work), rows)]
+        answers = []
+        with kept_outputs(self.model, k) as kept:
+            cache, prefix_mask = self._prefill(chunk)
+            prefill_kept = kept.pop() if cache is not None else None
+            # the continuation passes below re-index and grow the shared layers' KV: keep the prefill's for the others
+            shared_kv = None if cache is None else [copy.deepcopy(layer) for layer in cache.layers[:k]]
+            for n, batch in enumerate(batches):
+                batch_cache = cache if (n == len(batches) - 1 or cache is None) else copy.deepcopy(cache)
+                answers.append(self._score_continuations(chunk, batch, batch_cache, prefix_mask))
+        assert len(kept) == len(batches), "block outputs kept and continuation batches disagree"
+        for o, (model, store) in enumerate(others):
+            cache = None
+            if prefill_kept is not None:
+                with replayed(model, k, prefill_kept):
+                    cache, _ = self._prefill(chunk, model=model)
+                # its stand-ins filled none of the shared layers' KV: take the leader's (equal), the last one as is
+                cache.layers[:k] = shared_kv if o == len(others) - 1 else copy.deepcopy(shared_kv)
+            for n, (batch, output) in enumerate(zip(batches, kept)):
+                batch_cache = cache if (n == len(batches) - 1 or cache is None) else copy.deepcopy(cache)
+                with replayed(model, k, output):
+                    scores = self._score_continuations(chunk, batch, batch_cache, prefix_mask, model=model)
+                for (_, _, owners), answer in zip(batch, scores):
+                    for i in owners:
+                        if self._group_requests[i][0] is not None:
+                            store["loglikelihood", self._group_requests[i][0]] = answer
+        for batch, scores in zip(batches, answers):
+            yield from zip((owners for _, _, owners in batch), scores)
 
 
 def hflm_token_pairs(lm: HFLM, requests) -> list[tuple[list[int], list[int]]]:
