@@ -5,7 +5,8 @@ import contextlib
 import json
 import weakref
 from pathlib import Path
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple
 
 from ..io.cache import hash_bytes, stable_json
 from ..io.models import check_hub_model
@@ -51,34 +52,80 @@ def _remembered(table: weakref.WeakKeyDictionary, obj, fingerprint_of, digest_of
 
 
 def hash_state_dict(model) -> str:
-    """sha256 over (name, shape, dtype, bytes) of every tensor in the state dict; tied tensors hashed once.
+    """sha256 over the sorted (name, digest) of every tensor in the state dict (`tensor_digests`: each digest covers
+    the tensor's shape, dtype and bytes; a tied tensor is an alias marker naming its first name) + the config identity.
 
-    Remembered per model object while its fingerprint (`_state_fingerprint`) is unchanged. A write through `.data`
-    bypasses the version counters; nothing here writes that way, and code that does must call `_hash_state_dict`."""
-    return _remembered(_STATE_HASHES, model, _state_fingerprint, _hash_state_dict)
+    Remembered per model object while its fingerprint (`_state_fingerprint`) is unchanged; the per-tensor digests it
+    is made from are remembered the same way and shared with `prefix.block_hashes`, so each tensor's bytes are hashed
+    once for both. A write through `.data` bypasses the version counters; nothing here writes that way, and code that
+    does must call `_hash_state_dict` (which digests every tensor afresh)."""
+    return _remembered(_STATE_HASHES, model, _state_fingerprint, lambda m: _hash_state_dict(m, tensor_digests(m)))
 
 
-def _hash_state_dict(model) -> str:
+def _hash_state_dict(model, digests: "TensorDigests | None" = None) -> str:
     import hashlib
 
-    import torch
-
+    digests = _tensor_digests(model) if digests is None else digests
     h = hashlib.sha256()
-    seen: dict[tuple, str] = {}
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        ident = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        if ident in seen and t.device.type != "meta":
-            h.update(f"=alias:{seen[ident]}".encode())
-            continue
-        seen[ident] = name
-        flat = t.detach().contiguous().reshape(-1)
-        if flat.numel():
-            h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
+    for name in sorted(digests.digest):
+        canonical = digests.alias.get(name)
+        h.update(f"{name}|{'=alias:' + canonical if canonical else digests.digest[name]}|".encode())
     cfg = getattr(model, "config", None)
     if cfg is not None:
         h.update(stable_json(_config_identity(cfg.to_dict())).encode())
     return h.hexdigest()
+
+
+class TensorDigests(NamedTuple):
+    """Per state-dict name: `digest` (sha256 hex of shape, dtype and bytes; the same for every name of a tied tensor)
+    and, for the second and later names of a tied tensor (in sorted order), `alias` (the first name)."""
+
+    digest: Mapping[str, str]
+    alias: Mapping[str, str]
+
+
+# model → (fingerprint, TensorDigests): the one place the weights' bytes are hashed, for `hash_state_dict` and
+# `prefix.block_hashes` alike
+_TENSOR_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tensor_digests(model) -> TensorDigests:
+    """`_tensor_digests(model)`, remembered per model object while its fingerprint (`_state_fingerprint`) is unchanged."""
+    return _remembered(_TENSOR_DIGESTS, model, _state_fingerprint, _tensor_digests)
+
+
+def tensor_digest(t) -> str:
+    """sha256 hex of a tensor's shape, dtype and bytes (a meta tensor: shape and dtype only). Deterministic across
+    processes: nothing about where the tensor lives enters it."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.device.type != "meta":
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.numel():
+            h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
+    return h.hexdigest()
+
+
+def _tensor_digests(model) -> TensorDigests:
+    """Every state-dict tensor's `tensor_digest`, each storage view digested once: names that are the same view of
+    the same storage (tied weights, as `_state_fingerprint` would also show) share the first name's digest."""
+    digest: dict[str, str] = {}
+    alias: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        if t.device.type != "meta":
+            ident = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+                     t.dtype)
+            if ident in seen:
+                alias[name] = seen[ident]
+                digest[name] = digest[seen[ident]]
+                continue
+            seen[ident] = name
+        digest[name] = tensor_digest(t)
+    return TensorDigests(MappingProxyType(digest), MappingProxyType(alias))
 
 
 def hash_model_dir(path: str | Path) -> str | None:

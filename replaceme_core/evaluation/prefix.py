@@ -31,11 +31,14 @@ _DEPTH_KEYS = {"num_hidden_layers", "n_layer", "num_layers", "layer_types", "_na
                "max_window_layers", "architectures", "transformers_version"}
 
 
-def _tensor_hash(h, name: str, t: torch.Tensor) -> None:
-    h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.numel():
-        h.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
+def _tensor_hash(h, name: str, by_id: dict, t: torch.Tensor) -> None:
+    """Add (name, content digest) of tensor `t` to `h`: its digest from the model's table of per-tensor digests
+    (`model_ref.tensor_digests`, re-keyed by id() of the state dict's tensors, which the caller holds alive), or, for
+    a tensor that is not in it, computed now. Only the digest enters `h`, never the id."""
+    from .model_ref import tensor_digest
+
+    d = by_id.get(id(t))
+    h.update(f"{name}|{d if d is not None else tensor_digest(t)}|".encode())
 
 
 _BLOCK_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -44,23 +47,33 @@ _BLOCK_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def block_hashes(model: nn.Module) -> list[str]:
     """[hash of everything outside the blocks + the depth-independent config, hash of block 0, block 1, ...].
 
-    The first entry covers the embedding, the final norm and the head too: variants never differ there, and a model
-    whose head differs is then simply not grouped (safe, never wrong). Remembered per model object while its
-    fingerprint is unchanged, as the evaluation cache's weight hash is (`model_ref`), so scoring the same variants on
-    another suite or on the held-out texts does not hash them again."""
-    from .model_ref import _remembered, _state_fingerprint
+    The first entry covers the embedding, the final norm and the head too (by content: a tied head counts as its
+    digest again): variants never differ there, and a model whose head differs is then simply not grouped (safe,
+    never wrong). A block's hash covers its type, its `layer_types` entry and its tensors under their names within
+    the block (`layer.state_dict()`: no block index, so a block moved to another position keeps its hash). Each
+    tensor enters by its content digest, taken from the same remembered per-tensor table as the evaluation cache's
+    weight hash (`model_ref.tensor_digests`), so the weights' bytes are hashed once for both. Remembered per model
+    object while its fingerprint is unchanged (`model_ref`), so scoring the same variants on another suite or on the
+    held-out texts does not hash them again."""
+    from .model_ref import _remembered, _state_fingerprint, tensor_digests
 
-    return list(_remembered(_BLOCK_HASHES, model, _state_fingerprint, _block_hashes))
+    return list(_remembered(_BLOCK_HASHES, model, _state_fingerprint, lambda m: _block_hashes(m, tensor_digests(m))))
 
 
-def _block_hashes(model: nn.Module) -> list[str]:
+def _block_hashes(model: nn.Module, digests=None) -> list[str]:
+    """`block_hashes` from `digests` (a `model_ref.TensorDigests` of this model; digested afresh when None)."""
+    from .model_ref import _tensor_digests
+
+    digests = _tensor_digests(model) if digests is None else digests
+    state = model.state_dict(keep_vars=True)
+    by_id = {id(t): digests.digest[name] for name, t in state.items() if name in digests.digest}
     adapter = get_adapter(model)
     layers = adapter.layers
     in_blocks = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
     rest = hashlib.sha256()
-    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+    for name, t in sorted(state.items()):
         if id(t) not in in_blocks:
-            _tensor_hash(rest, name, t)
+            _tensor_hash(rest, name, by_id, t)
     config = model.config.to_dict() if hasattr(model, "config") else {}
     rest.update(stable_json({k: v for k, v in config.items() if k not in _DEPTH_KEYS}).encode())
     rest.update(type(model).__name__.encode())
@@ -69,7 +82,7 @@ def _block_hashes(model: nn.Module) -> list[str]:
     for i, layer in enumerate(layers):
         h = hashlib.sha256(f"{type(layer).__name__}|{types[i] if i < len(types) else ''}".encode())
         for name, t in sorted(layer.state_dict(keep_vars=True).items()):
-            _tensor_hash(h, name, t)
+            _tensor_hash(h, name, by_id, t)
         out.append(h.hexdigest())
     return out
 
