@@ -733,3 +733,35 @@ def test_tasks_are_built_once_per_fewshot_count(model, tok, monkeypatch):
             for field, values in per_doc.items():
                 assert got[t][1][field] == pytest.approx(values, abs=1e-6), (k, t, field)
     assert sorted(built) == sorted(["winogrande_local", "arc_easy_local"] * 2)
+
+
+def test_equal_models_in_one_call_are_scored_once(tok, monkeypatch):
+    """Two equal models (a deep copy: the same content) in one `evaluate_many` or `perplexity_many` call are scored
+    once; the copy gets the same numbers, marked cached, and a different model in the same call is still scored."""
+    import copy
+
+    from replaceme_core.evaluation.perplexity import perplexity_many
+
+    base = _deep_model(tok)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight[0, 0] += 0.5
+    models = [base, copy.deepcopy(base), other]
+    turns, score = [], runner._score
+    monkeypatch.setattr(runner, "_score",
+                        lambda plan, todo, lm, **kw: turns.append(plan.ref.model) or score(plan, todo, lm, **kw))
+    out = ev.evaluate_many(models, tok, tasks=["arc_easy"], limit=3, progress=False)
+    assert len(turns) == 2 and turns[0] is base and turns[1] is other
+    assert out[1]["tasks"]["arc_easy"]["cached"] and not out[0]["tasks"]["arc_easy"]["cached"]
+    assert out[1]["tasks"]["arc_easy"]["per_doc"] == out[0]["tasks"]["arc_easy"]["per_doc"]
+    assert out[2]["tasks"]["arc_easy"]["per_doc"] != out[0]["tasks"]["arc_easy"]["per_doc"]
+    forwards = {id(m): 0 for m in models}
+    hooks = [m.register_forward_pre_hook(lambda mod, *_: forwards.__setitem__(id(mod), forwards[id(mod)] + 1))
+             for m in models]
+    try:
+        ppl = perplexity_many(models, tok, ["the cat sat on the mat", "a dog ran"], max_length=16, progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert forwards[id(models[1])] == 0 and forwards[id(models[0])] > 0 and forwards[id(models[2])] > 0
+    assert ppl[1] == ppl[0] and ppl[1] is not ppl[0] and ppl[2]["ppl"] != ppl[0]["ppl"]

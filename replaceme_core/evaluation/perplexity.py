@@ -36,7 +36,8 @@ def perplexity_many(models: Sequence, tokenizer=None, texts: Sequence[str] = (),
                     batch_size: int = 8, device: str | None = None, use_cache: bool = True, progress: bool = True,
                     group: bool = True) -> list[dict[str, float]]:
     """`perplexity` of each model (same texts, same tokenizer); with `group`, models equal in their embedding and first
-    k blocks run those k blocks once per batch. Each model's numbers are those it gets alone."""
+    k blocks run those k blocks once per batch. Each model's numbers are those it gets alone; a model equal to an
+    earlier one (the same cache key) is scored once."""
     import torch
     from tqdm.auto import tqdm
 
@@ -48,9 +49,11 @@ def perplexity_many(models: Sequence, tokenizer=None, texts: Sequence[str] = (),
         if use_cache and path.is_file():
             with contextlib.suppress(OSError, json.JSONDecodeError):
                 out[i] = json.loads(path.read_text())
-    pending = [i for i in range(len(refs)) if out[i] is None]
+    first_of = {}
+    copies = {i: first_of.setdefault(path, i) for i, path in enumerate(paths)}  # equal models are scored once
+    pending = [i for i in range(len(refs)) if out[i] is None and copies[i] == i]
     if not pending:
-        return out
+        return [dict(out[copies[i]]) for i in range(len(refs))]
     encoded, batches, pad_id = text_batches(texts, refs[pending[0]].tokenizer, max_length, batch_size)
     same_tokenizer = len({stable_json(refs[i].identity()["tokenizer"]) for i in pending}) == 1
     for members, shared in model_groups([r.model for r in refs], pending, group and same_tokenizer):
@@ -79,7 +82,7 @@ def perplexity_many(models: Sequence, tokenizer=None, texts: Sequence[str] = (),
             out[i] = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tok, "texts": len(texts), "doc_nll": doc_nll,
                       "doc_tokens": doc_tok}
             atomic_write_text(paths[i], json.dumps(out[i]))
-    return out
+    return [dict(out[copies[i]]) for i in range(len(refs))]
 
 
 def text_batches(texts: Sequence[str], tokenizer, max_length: int, batch_size: int):

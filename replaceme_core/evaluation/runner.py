@@ -205,6 +205,8 @@ def evaluate_many(
     log_samples: a directory (one per model when several): lm-eval's per-sample records, one `samples_<task>.jsonl`
     per lm-eval task; cached tasks keep their records in the cache, so a re-run writes the same files.
     group: score models that share their first blocks as one group (the shared blocks once per batch).
+    A model equal to an earlier one in `models` (same weights, tokenizer and dtype) is scored once; the later one gets
+    that result, marked cached.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
@@ -234,7 +236,12 @@ def evaluate_many(
                 found[i][b] = dict(entry, cached=True)
             else:
                 todo[i].append(b)
-    pending = [i for i in range(len(models)) if todo[i]]
+    # a model equal to an earlier one (the same identity: the same cache keys) is scored once and served its result
+    first_of = {}
+    for i, plan in enumerate(plans):
+        first_of.setdefault(tuple(plan.keys[b] for b in plan.tasks), i)
+    copies = {i: first_of[tuple(plan.keys[b] for b in plan.tasks)] for i, plan in enumerate(plans)}
+    pending = [i for i in range(len(models)) if todo[i] and copies[i] == i]
     import lm_eval
 
     for members, shared in model_groups([r.model for r in refs], pending, group and backend == "replaceme"):
@@ -257,6 +264,9 @@ def evaluate_many(
                                    keep_samples=logs[i] is not None, store=store, backend=backend, progress=progress))
             stores[i].commit()
 
+    for i, first in copies.items():
+        if first != i:
+            found[i].update({b: dict(found[first][b], cached=True) for b in todo[i]})
     out = []
     for i, plan in enumerate(plans):
         if logs[i] is not None:
