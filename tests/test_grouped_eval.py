@@ -89,7 +89,15 @@ def test_grouped_answers_equal_each_model_alone(family, dtype, tokenizer):  # no
     stores = {k: request_store.RequestStore(f"test-{k}") for k in names[1:]}
     grouped = lm(GroupedHFLM, models[names[0]], tokenizer)
     grouped.set_group([(models[k], stores[k]) for k in names[1:]], shared)
-    # the shared blocks of the other members never run: their answers come from the first member's prefix
+    # windowed families send their long groups two-phase: shared as well
+    score_group_and_check(grouped, models, stores, alone, requests, family, shared, dtype)
+
+
+def score_group_and_check(grouped, models, stores, alone, requests, family, shared, dtype):
+    """Score `requests` with the grouped scorer of models[first]: its answers are what it gets alone, the shared blocks
+    of the other members never run (their answers come from the first member's prefix), and each other member's store
+    holds its own alone answer to every request."""
+    names = list(models)
     calls = []
     hooks = [blocks_of(models[k], family)[i].register_forward_pre_hook(lambda *_: calls.append(1))
              for k in names[1:] for i in range(shared)]
@@ -100,7 +108,7 @@ def test_grouped_answers_equal_each_model_alone(family, dtype, tokenizer):  # no
             h.remove()
     assert not calls
     hashes = [request_store.hash_args("loglikelihood", r.args) for r in requests]
-    for k in names[1:]:  # windowed families send their long groups two-phase: shared as well
+    for k in names[1:]:
         assert all(h in stores[k] for h in hashes)
         assert_same(alone[k], [stores[k][h] for h in hashes], 1e-4 if dtype == torch.float32 else 1e-9)
 
@@ -139,22 +147,11 @@ def test_grouped_two_phase_answers_equal_each_model_alone(family, dtype, tokeniz
         return original_continuations(chunk, batch, cache, prefix_mask, model=model)
 
     grouped._score_packed, grouped._score_continuations = count_packed, count_continuations
-    calls = []
-    hooks = [blocks_of(models[k], family)[i].register_forward_pre_hook(lambda *_: calls.append(1))
-             for k in names[1:] for i in range(shared)]
-    try:
-        assert_same(alone[names[0]], grouped.loglikelihood(requests, disable_tqdm=True), TOL[dtype])
-    finally:
-        for h in hooks:
-            h.remove()
-    assert not calls and paths["packed"] == 0
+    score_group_and_check(grouped, models, stores, alone, requests, family, shared, dtype)
+    assert paths["packed"] == 0
     # some context's continuations took several batches, for the leader and for every other member alike
     assert max(batches.values()) > 1
     assert len({chunk for chunk, _ in batches}) * len(names) == len(batches)
-    hashes = [request_store.hash_args("loglikelihood", r.args) for r in requests]
-    for k in names[1:]:
-        assert all(h in stores[k] for h in hashes)
-        assert_same(alone[k], [stores[k][h] for h in hashes], 1e-4 if dtype == torch.float32 else 1e-9)
 
 
 def test_perplexity_many_equals_each_alone():
