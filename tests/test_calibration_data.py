@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import cache_with_assets
 
 from replaceme_core import assets
 from replaceme_core.experiments import masking, self_generated, task_calibration
@@ -164,7 +165,7 @@ def test_generate_resumes_after_interruption(tiny, tmp_path, monkeypatch):
 
 
 def test_self_generated_texts_follow_calibration_order(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("REPLACEME_CACHE", str(tmp_path))
+    monkeypatch.setenv("REPLACEME_CACHE", str(cache_with_assets(tmp_path, {"generated"})))
     model, tok = tiny
     n = 6
     texts, info = self_generated.self_generated_texts(model, tok, "natural-instructions", n, seed=0, max_new_tokens=3,
