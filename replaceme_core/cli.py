@@ -16,7 +16,7 @@ DATA_DEFAULTS = {"samples": 512, "max_length": 512, "batch_size": 8}
 def _add_calibration_args(p: argparse.ArgumentParser, required: bool = True, method_defaults: bool = False) -> None:
     g = p.add_argument_group("calibration data")
     g.add_argument("--calib", required=required, default=None, metavar="SOURCE",
-                   help="packaged corpus (wiki, natural-instructions, squad, wiki+natural-instructions), a local .txt/.jsonl "
+                   help="packaged corpus (wiki, olmo-instructions, squad, wiki+olmo-instructions), a local .txt/.jsonl "
                         "file, or a hub dataset (Open-Orca/SlimOrca, HuggingFaceFW/fineweb, allenai/c4, wikitext, fineweb_and_orca)")
     # prune: None = the default above, or a registry method's own data default (--list-methods shows them)
     unset = (lambda k: None) if method_defaults else DATA_DEFAULTS.get

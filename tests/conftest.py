@@ -21,7 +21,7 @@ LAYERS = 5
 
 def cache_with_assets(root: Path, fresh: set[str]) -> Path:
     """A cache root whose folders link to the real cache's, except those in `fresh` (they start empty): what a test
-    derives stays under `root`, and packaged downloads (the 358 MB BIG-bench sdist among them) are not fetched again."""
+    derives stays under `root`, and packaged downloads are not fetched or converted again."""
     real = Path(os.environ.get("REPLACEME_CACHE", Path.home() / ".cache" / "replaceme")).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     if real.is_dir():

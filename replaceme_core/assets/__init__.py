@@ -23,7 +23,7 @@ tasks, is *not* available offline: no package we found ships it (see ``UNAVAILAB
 from .benchmarks import (BENCHMARKS, BIGBENCH_MAX_DOCS, BIGBENCH_TASKS, LAMBADA_NOTE, UNAVAILABLE_OFFLINE,
                          benchmark_files, bigbench_files, bigbench_rows)
 from .cli import fetch_all, register_cli
-from .corpora import CORPORA, HELDOUT_MOD, NI_EXCLUDED_SUBTASKS, NI_MAX_PER_SUBTASK, corpus, heldout_bucket
+from .corpora import CORPORA, HELDOUT_MOD, INSTRUCTIONS_MAX_PER_TASK, OLMO_INSTRUCTION_TASKS, corpus, heldout_bucket
 from .models import MODELS, convert_model, gguf_path, model_path, resolve_model, tokenizer_path
 from .packages import AssetError, fetch_package
 from .vision import IMAGE_DATASETS, VISION_MODELS, image_dataset, image_dataset_path, read_idx, vision_model_path
@@ -33,6 +33,6 @@ __all__ = [
     "MODELS", "gguf_path", "model_path", "tokenizer_path", "resolve_model", "convert_model",
     "BENCHMARKS", "UNAVAILABLE_OFFLINE", "LAMBADA_NOTE", "BIGBENCH_TASKS", "BIGBENCH_MAX_DOCS",
     "benchmark_files", "bigbench_files", "bigbench_rows",
-    "CORPORA", "NI_EXCLUDED_SUBTASKS", "NI_MAX_PER_SUBTASK", "HELDOUT_MOD", "corpus", "heldout_bucket",
+    "CORPORA", "OLMO_INSTRUCTION_TASKS", "INSTRUCTIONS_MAX_PER_TASK", "HELDOUT_MOD", "corpus", "heldout_bucket",
     "VISION_MODELS", "IMAGE_DATASETS", "vision_model_path", "image_dataset", "image_dataset_path", "read_idx",
 ]

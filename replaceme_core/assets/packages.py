@@ -24,14 +24,14 @@ class AssetError(RuntimeError):
 
 
 
+#: No longer served by the package index (since 2026-12 it lists only 0.0.1, an empty placeholder): nothing in the
+#: default profiles needs it any more. Kept for the BIG-bench converter (assets.bigbench_files), which works where a
+#: copy of the sdist is already in the cache.
 _BIGBENCH = "bigbench==1.0.0"
-_NI_DIR = "bigbench/benchmark_tasks/natural_instructions"
 
 #: Members of the (358 MB) bigbench sdist that we extract; paths relative to `bigbench-1.0.0/`.
 _SDIST_MEMBERS: dict[str, list[str]] = {
     "bigbench": [
-        f"{_NI_DIR}/*/task.json",
-        "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json",
         # multiple-choice tasks that BBH draws from (BIGBENCH_TASKS below), for the Fig. 9 analogue
         "bigbench/benchmark_tasks/causal_judgment/task.json",
         "bigbench/benchmark_tasks/date_understanding/task.json",

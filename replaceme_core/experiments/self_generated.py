@@ -34,7 +34,7 @@ def instruction_prompts(source: str, num_samples: int, seed: int = 0) -> list[st
     from ..io.data import PACKAGED_SOURCES, DataSourceError
 
     if source not in PACKAGED_SOURCES or len(PACKAGED_SOURCES[source]) != 1:
-        raise DataSourceError(f"self-generation needs a packaged instruction corpus (e.g. 'natural-instructions'), got {source!r}")
+        raise DataSourceError(f"self-generation needs a packaged instruction corpus (e.g. 'olmo-instructions'), got {source!r}")
     records = assets.corpus(PACKAGED_SOURCES[source][0], "train")
     if not records or "prompt" not in records[0]:
         raise DataSourceError(f"corpus {source!r} has no instruction prompts (its records are plain text)")

@@ -3,8 +3,8 @@
 A SOURCE is one of
 
 * a **packaged corpus** (offline, see :mod:`replaceme_core.assets`): ``wiki`` (Wikipedia lead
-  sections, our FineWeb stand-in), ``natural-instructions`` (instruction/response pairs, our
-  SlimOrca stand-in), ``squad`` (SQuAD dev paragraphs), or the mix ``wiki+natural-instructions``
+  sections, our FineWeb stand-in), ``olmo-instructions`` (instruction/response pairs, our
+  SlimOrca stand-in), ``squad`` (SQuAD dev paragraphs), or the mix ``wiki+olmo-instructions``
   (half/half, like the paper's ``fineweb_and_orca``). Records are shuffled with
   ``random.Random(seed)`` and the first N taken; ``split="train"`` is for calibration and
   ``split="heldout"`` for perplexity (disjoint, fixed by a hash of the record id).
@@ -62,9 +62,9 @@ class DataSourceError(RuntimeError):
 
 PACKAGED_SOURCES = {
     "wiki": ["wiki"],
-    "natural-instructions": ["natural-instructions"],
+    "olmo-instructions": ["olmo-instructions"],
     "squad": ["squad"],
-    "wiki+natural-instructions": ["natural-instructions", "wiki"],
+    "wiki+olmo-instructions": ["olmo-instructions", "wiki"],
 }
 
 # canonical name -> (loader kind, dataset path, config name)
@@ -85,8 +85,8 @@ _HUB_ALIASES = {
     "fineweb_and_orca": "fineweb_and_orca",
 }
 
-_OFFLINE_HINT = ("offline alternatives: packaged corpora 'wiki', 'natural-instructions', 'squad', "
-                 "'wiki+natural-instructions' (replaceme assets list) or a local .txt/.jsonl file")
+_OFFLINE_HINT = ("offline alternatives: packaged corpora 'wiki', 'olmo-instructions', 'squad', "
+                 "'wiki+olmo-instructions' (replaceme assets list) or a local .txt/.jsonl file")
 
 _PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n{response}"
 _warned: set[str] = set()

@@ -235,7 +235,7 @@ def check_sources(profile: dict, rep: Report, downloads: dict[str, dict]) -> Non
 
         if sg["source"] not in PACKAGED_SOURCES or len(PACKAGED_SOURCES[sg["source"]]) != 1:
             rep.error(f"calibration_data.self_generated.source {sg['source']!r}: self-generation needs a packaged "
-                      "instruction corpus (experiments/self_generated.py), e.g. natural-instructions")
+                      "instruction corpus (experiments/self_generated.py), e.g. olmo-instructions")
         elif _is_int(S):
             check_source(profile, sg["source"], S, "train", "calibration_data.self_generated", rep, downloads)
     ts = cd.get("task_specific") or {}
