@@ -1,8 +1,8 @@
 """BIG-bench multiple-choice tasks (the Fig. 9 analogue): conversion of task.json, the rendered lm-eval tasks,
 and a run on a tiny model whose scores are checked against log-likelihoods computed here by hand.
 
-The conversion tests use hand-written task dicts; the "known examples" tests read the packaged bigbench data
-(skipped when the package is not in the cache and cannot be fetched)."""
+Every test uses hand-written task files: the bigbench 1.0.0 sdist, where the real ones lie, is no longer served by
+the package index, so the converter is exercised on a source tree of the same layout written here."""
 from __future__ import annotations
 
 import json
@@ -65,12 +65,62 @@ def test_rows_limit_and_bad_input():
 # --------------------------------------------------------------------------------------------
 # the packaged BIG-bench data
 # --------------------------------------------------------------------------------------------
+#: One small task.json per converted task, in BIG-bench's layout and field names. date_understanding lists no choices
+#: in its prompt (as the real task); disambiguation_qa appends them with its own prefixes (as the real task).
+SOURCE_TASKS = {
+    "date_understanding": {
+        "name": "date_understanding", "append_choices_to_input": False,
+        "examples": [
+            {"input": "Yesterday was April 30, 2021. What is the date today in MM/DD/YYYY?",
+             "target_scores": {"05/01/2021": 1, "02/23/2021": 0, "03/11/2021": 0, "04/29/2021": 0}},
+            {"input": "Today is Christmas Eve of 1937. What is the date tomorrow in MM/DD/YYYY?",
+             "target_scores": {"12/11/1937": 0, "12/25/1937": 1, "01/04/1938": 0}},
+            {"input": "free-text example", "target": "skipped"},
+        ],
+    },
+    "disambiguation_qa": {
+        "name": "disambiguation_qa", "example_output_prefix": "\nPronoun identification: ", "choice_prefix": "\n  choice: ",
+        "examples": [
+            {"input": "The chief told the counselor that they took the day off.",
+             "target_scores": {"The chief took the day off": 1, "The counselor took the day off": 0, "Ambiguous": 0}},
+            {"input": "The mechanic greets the receptionist because he was in a good mood.",
+             "target_scores": {"The mechanic was in a good mood": 0, "The receptionist was in a good mood": 0, "Ambiguous": 1}},
+        ],
+    },
+}
+
+
+def _toy_task(name: str) -> dict:
+    return SOURCE_TASKS.get(name, {"name": name, "examples": [
+        {"input": f"{name}: first question", "target_scores": {"True": 1, "False": 0}},
+        {"input": f"{name}: second question", "target_scores": {"True": 0, "False": 1}},
+        {"input": f"{name}: third question", "target_scores": {"True": 1, "False": 0}},
+        {"input": f"{name}: fourth question", "target_scores": {"True": 0, "False": 1}},
+    ]})
+
+
 @pytest.fixture(scope="module")
-def bb_files():
-    try:
-        return assets.bigbench_files()
-    except assets.AssetError as e:  # no cached copy and no package index
-        pytest.skip(f"bigbench package not available: {e}")
+def bb_root(tmp_path_factory):
+    """A bigbench source tree holding a task.json for every task of BIGBENCH_TASKS."""
+    root = tmp_path_factory.mktemp("bigbench-sdist")
+    for name, folder in assets.BIGBENCH_TASKS.items():
+        path = root / "bigbench" / "benchmark_tasks" / folder / "task.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(_toy_task(name)), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bb_files(bb_root, tmp_path_factory):
+    from replaceme_core.assets import benchmarks
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPLACEME_CACHE", str(tmp_path_factory.mktemp("bb-cache")))
+        mp.setattr(benchmarks, "fetch_package", lambda req, progress=False: bb_root)
+        files = assets.bigbench_files()
+        again = assets.bigbench_files()  # converted once, then read from the cache
+    assert files == again
+    return files
 
 
 def _rows(files, task):
@@ -78,10 +128,10 @@ def _rows(files, task):
         return [json.loads(line) for line in f]
 
 
-def test_every_task_converted_consistently(bb_files):
+def test_every_task_converted_consistently(bb_files, bb_root):
     assert set(bb_files) == {f"bigbench_{t}" for t in assets.BIGBENCH_TASKS}
     assert set(bb_files) <= set(ev.TASKS)
-    root = assets.fetch_package("bigbench==1.0.0") / "bigbench" / "benchmark_tasks"
+    root = bb_root / "bigbench" / "benchmark_tasks"
     for task, folder in assets.BIGBENCH_TASKS.items():
         raw = json.loads((root / folder / "task.json").read_text(encoding="utf-8"))
         mc = [e for e in raw["examples"] if e.get("target_scores")]
@@ -92,25 +142,6 @@ def test_every_task_converted_consistently(bb_files):
             best = max(ex["target_scores"].values())
             assert ex["target_scores"][r["targets"][0]] == best, task
             assert ex["input"] in r["inputs"], task
-
-
-@pytest.mark.parametrize("task,needle,answer", [
-    # answers worked out by hand, independently of the files' scores
-    ("date_understanding", "Yesterday was April 30, 2021. What is the date today in MM/DD/YYYY?", "05/01/2021"),
-    # 1 + 2 + 3 = 6 steps out, turn around, 6 steps back: at the start
-    ("navigate", "Take 1 step. Take 2 steps. Take 3 steps. Turn around. Take 6 steps. Turn left.", "True"),
-    ("sports_understanding", "Jamal Murray was perfect from the line", "plausible"),
-    # black < orange < blue from left to right
-    ("logical_deduction_three_objects", "The blue book is to the right of the orange book. The orange book is to the right of the black book.",
-     "The black book is the leftmost."),
-    # opinion, size, age, colour, material
-    ("hyperbaton", 'a " obnoxious normal-size brand-new purple glass motorcycle " b " glass normal-size', "a"),
-])
-def test_known_examples(bb_files, task, needle, answer):
-    hits = [r for r in _rows(bb_files, task) if needle in r["inputs"]]
-    assert hits, f"{task}: example not found"
-    r = hits[0]
-    assert r["targets"] == [answer] and answer in r["multiple_choice_targets"]
 
 
 def test_rendered_task_matches_lm_eval_template(bb_files):
@@ -154,7 +185,7 @@ def test_task_runs_on_tiny_model_and_scores_argmax(bb_files, monkeypatch, tmp_pa
     monkeypatch.setenv("REPLACEME_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(assets, "bigbench_files", lambda *a, **k: bb_files)
     model, tok = tiny_random_model()
-    limit = 4
+    limit = 2  # the hand-written disambiguation_qa holds two documents
     res = ev.evaluate(model, tok, tasks=["bigbench_navigate", "bigbench_disambiguation_qa"], limit=limit,
                       source="local", batch_size=4, progress=False, use_cache=False)
     for task in ("navigate", "disambiguation_qa"):
