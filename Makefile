@@ -60,8 +60,8 @@ lab: setup
 
 # Compression cost, pruned-model speed, evaluation backend, lanes and grouped evaluation as side-by-side ratios →
 # bench/RESULTS.md (one file per section in bench/; `python bench/bench.py --only SECTION` runs one). On 2 CPU cores
-# sections 1-6 take ≈5 min, section 7 (100 documents per task on two models; five main-suite tasks ≈40 min, the three
-# other task shapes added since not yet timed at that size) longer, section 8 ≈1.5 min, section 9 ≈6 min (estimated).
+# sections 1-6 take ≈5 min, section 7 (100 documents per task; five main-suite tasks on two models ≈40 min, the three
+# other task shapes on SmolLM2 ≈19 min) ≈1 h, section 8 ≈1.5 min, section 9 ≈6 min (estimated).
 bench: setup
 	$(BIN)/python bench/bench.py --out bench/RESULTS.md
 

@@ -90,7 +90,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for lm-eval's samplers and torch (default: %(default)s)")
     p.add_argument("--backend", choices=tuple(BACKENDS), default=DEFAULT_BACKEND,
                    help="replaceme: each distinct context runs once and the LM head only at scored positions (same "
-                        "scores; 3.2× HFLM's speed on SciQ, 0.8–1.5× on short-context tasks); hf: lm-eval's plain HFLM (default: %(default)s)")
+                        "scores; on 2 CPU cores 1.2× HFLM's speed on WinoGrande 5-shot up to 4.5× on SciQ, 1.7× end to end for "
+                        "WinoGrande + ARC-Challenge + BoolQ at 100 documents); hf: lm-eval's plain HFLM (default: %(default)s)")
     p.add_argument("--log-samples", default=None, metavar="DIR",
                    help="write lm-eval's per-sample records to DIR, one samples_<task>.jsonl per task")
     p.add_argument("--output", default=None, help="also write the full result dict (incl. per-document scores) to this JSON file")
